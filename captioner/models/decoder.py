@@ -1,0 +1,56 @@
+"""GPT-2 (transformers) and its tokenizer: pretrained by name or path, or built at any size."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, PreTrainedTokenizerBase
+
+from captioner.models.hub import missing, reachable
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _from_hub(loader, name: str, config_key: str, kind: str, required_file: str):
+    """Load `name` from the local HF cache, or download it only when the hub answers at once.
+
+    The cache is checked by file: offline, transformers 5 can return an empty tokenizer instead of
+    raising, so "loaded" is not proof that the files were there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, required_file), str) and not reachable("huggingface.co"):
+        raise missing(kind, name, config_key, "huggingface.co")
+    return loader(name)
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """A directory with GPT-2's `vocab.json` + `merges.txt`, or a hub name such as `gpt2`."""
+    path = Path(spec).expanduser()
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        # transformers 5 ignores vocab_file=/merges_file= and builds an empty tokenizer: pass vocab=/merges=
+        tokenizer = GPT2Tokenizer(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"))
+    elif path.exists():
+        raise FileNotFoundError(f"tokenizer directory {path} needs vocab.json and merges.txt (model.tokenizer)")
+    else:
+        tokenizer = _from_hub(GPT2Tokenizer.from_pretrained, spec, "model.tokenizer", "GPT-2 tokenizer", "vocab.json")
+    if len(tokenizer) < 2 or tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {spec!r} loaded empty ({len(tokenizer)} tokens): check its files")
+    tokenizer.pad_token = tokenizer.eos_token  # padding positions are masked and labelled -100 anyway
+    return tokenizer
+
+
+def load_gpt2(spec: str | Mapping, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> GPT2LMHeadModel:
+    """A string loads pretrained GPT-2 (`gpt2`, `distilgpt2`, ... or a local directory); a mapping of
+    `GPT2Config` fields builds that architecture with seeded random weights and the tokenizer's vocabulary."""
+    vocab_size, eos = len(tokenizer), tokenizer.eos_token_id
+    if isinstance(spec, Mapping):
+        torch.manual_seed(seed)
+        config = GPT2Config(**{"vocab_size": vocab_size, **spec}, bos_token_id=eos, eos_token_id=eos)
+        return GPT2LMHeadModel(config)
+    model = _from_hub(GPT2LMHeadModel.from_pretrained, spec, "model.decoder", "GPT-2", "config.json")
+    if model.config.vocab_size < vocab_size:
+        raise ValueError(f"decoder {spec!r} has {model.config.vocab_size} embeddings but the tokenizer has {vocab_size} tokens")
+    return model

@@ -1,0 +1,132 @@
+"""The LightningModule: frozen CLIP encoder -> mapper -> GPT-2.
+
+It takes plain values and builds its own parts, so `CaptionModule.load_from_checkpoint(path)`
+works without Hydra and the saved hyperparameters describe the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from transformers import get_linear_schedule_with_warmup
+
+from captioner.generate import Decoding, decoding_from, generate
+from captioner.models.decoder import load_gpt2, load_tokenizer
+from captioner.models.encoder import ClipEncoder
+from captioner.models.mapper import build_mapper
+
+
+class CaptionModule(L.LightningModule):
+    def __init__(
+        self,
+        encoder: str | Mapping = "ViT-B/32",  # a name/path loads CLIP; a mapping builds it randomly
+        decoder: str | Mapping = "gpt2",  # a name/path loads GPT-2; a mapping of GPT2Config fields builds it
+        tokenizer: str = "gpt2",  # a directory with vocab.json + merges.txt, or a hub name
+        mapper: Mapping | None = None,  # {name: attention|transformer|mlp, ...its arguments}
+        prefix_length: int = 10,
+        freeze_decoder: bool = False,  # ClipCap's "frozen GPT-2" variant when true
+        normalize_features: bool = True,  # L2-normalise CLIP features before the mapper (CapDec)
+        encoder_precision: str = "fp32",
+        lr: float = 2e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 5000,
+        val_decoding: Mapping | None = None,
+        val_cider_images: int = 100,  # validation images captioned for val/cider each epoch
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(
+            {
+                "encoder": encoder, "decoder": decoder, "tokenizer": tokenizer, "mapper": mapper,
+                "prefix_length": prefix_length, "freeze_decoder": freeze_decoder,
+                "normalize_features": normalize_features, "encoder_precision": encoder_precision,
+                "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+                "val_decoding": val_decoding, "val_cider_images": val_cider_images, "seed": seed,
+            }
+        )
+        self.encoder = ClipEncoder(encoder, precision=encoder_precision, seed=seed)
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.decoder = load_gpt2(decoder, self.tokenizer, seed=seed)
+        mapper = dict(mapper or {"name": "attention"})
+        self.mapper = build_mapper(
+            mapper.pop("name"),
+            feature_dim=self.encoder.embed_dim,
+            token_dim=self.encoder.token_dim,
+            num_tokens=self.encoder.num_tokens,
+            embed_dim=self.decoder.config.n_embd,
+            prefix_length=prefix_length,
+            **mapper,
+        )
+        if freeze_decoder:
+            self.decoder.requires_grad_(False)
+        self.val_decoding: Decoding = decoding_from(val_decoding)
+        self._val_captions: dict[int, str] = {}
+
+    # frozen parts stay in eval mode (no dropout) whatever the Trainer switches
+    def train(self, mode: bool = True) -> "CaptionModule":
+        super().train(mode)
+        self.encoder.eval()
+        if self.hparams.freeze_decoder:
+            self.decoder.eval()
+        return self
+
+    def features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The mapper's input from a batch with `pixels` or precomputed CLIP features."""
+        key = self.mapper.input_key
+        x = batch[key] if key in batch else self.encoder(batch["pixels"])[key]
+        return F.normalize(x, dim=-1) if self.hparams.normalize_features else x
+
+    def prefix(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.mapper(self.features(batch))  # (B, P, D)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]):
+        prefix = self.prefix(batch)  # (B, P, D)
+        b, p = prefix.shape[:2]
+        tokens = self.decoder.get_input_embeddings()(batch["input_ids"])  # (B, S, D)
+        embeds = torch.cat([prefix, tokens], dim=1)  # (B, P+S, D)
+        ones = torch.ones((b, p), dtype=batch["attention_mask"].dtype, device=prefix.device)
+        mask = torch.cat([ones, batch["attention_mask"]], dim=1)
+        # the prefix is context, never a target: -100 there, and GPT-2 shifts labels itself
+        ignore = torch.full((b, p), -100, dtype=torch.long, device=prefix.device)
+        labels = torch.cat([ignore, batch["labels"]], dim=1)
+        return self.decoder(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+
+    def training_step(self, batch, batch_idx):
+        loss = self(batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self(batch).loss
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        wanted = self.hparams.val_cider_images - len(self._val_captions)
+        if wanted > 0:
+            ids = batch["image_id"][:wanted].tolist()
+            captions = self.caption_features({k: v[:wanted] for k, v in batch.items()}, self.val_decoding)
+            self._val_captions.update(zip(ids, captions))
+
+    def on_validation_epoch_end(self) -> None:
+        captions, self._val_captions = self._val_captions, {}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not captions or datamodule is None or self.trainer.sanity_checking:
+            return
+        from captioner.metrics import score
+
+        references = datamodule.references("val")
+        scores = score({i: references[i] for i in captions}, captions, meteor=False)
+        self.log("val/cider", scores["CIDEr"], prog_bar=True)
+        self.log("val/bleu4", scores["Bleu_4"])
+        self.val_samples = [(i, captions[i], references[i]) for i in list(captions)[:8]]
+
+    def caption_features(self, batch: Mapping[str, torch.Tensor], decoding: Decoding | None = None) -> list[str]:
+        return generate(self.decoder, self.tokenizer, self.prefix(batch), decoding or self.val_decoding)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]  # frozen weights never reach the optimizer
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = self.trainer.estimated_stepping_batches
+        scheduler = get_linear_schedule_with_warmup(optimizer, min(self.hparams.warmup_steps, total // 2), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,76 @@
+"""python -m captioner.train [experiment=...] [overrides]: fit, then caption and score the test split."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from captioner.evaluate import caption_split, print_scores, score_split, write_results
+from captioner.generate import decoding_from
+
+# a random suffix keeps two runs started in the same second in different directories
+OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub retries: absent weights fail at once (models/hub.py)
+
+
+def configure_wandb() -> None:
+    """Offline unless the user chose a mode or has credentials."""
+    if "WANDB_MODE" in os.environ:
+        return
+    logged_in = "WANDB_API_KEY" in os.environ or (Path.home() / ".netrc").exists() and "api.wandb.ai" in (Path.home() / ".netrc").read_text()
+    if not logged_in:
+        os.environ["WANDB_MODE"] = "offline"
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train and score; returns the metrics a sweeper optimises (`val/cider`, test scores)."""
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    configure_wandb()
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # writes the embedded dataset (and its tokenizer) on first use
+    module = instantiate(cfg.model)  # before any feature extraction: absent weights fail at once
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.score and trainer.is_global_zero and not trainer.fast_dev_run:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best:
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            module.load_state_dict(state)
+        datamodule.setup("test")
+        captions = caption_split(module, datamodule, "test", decoding_from(cfg.test_decoding))
+        scores = score_split(datamodule.references("test"), captions, meteor=cfg.score_meteor)
+        write_results(output_dir, "test", captions, scores)
+        print_scores(scores, f"test split: {len(captions)} images ({output_dir})")
+        metrics.update({f"test/{k}": v for k, v in scores["model"].items()})
+    for logger in loggers:
+        logger.finalize("success")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = run(cfg)
+    if HydraConfig.get().mode.name == "MULTIRUN":
+        return metrics.get("val/cider")  # what the Optuna sweeper maximises
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Test fixtures: the real Hydra configs, composed with tiny sizes and generated data; no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+import captioner.train  # noqa: E402,F401 - registers the run_id resolver used by the Hydra config
+
+
+def compose_train(output_dir: Path, data_dir: Path, overrides: list[str] = ()) -> DictConfig:
+    """The real `conf/train.yaml`, composed as `python -m captioner.train` would, run dir in `output_dir`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.runtime.cwd = str(ROOT)
+        cfg.hydra.job.num = 0
+        cfg.paths.data_dir = str(data_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One generated-data folder for the session: datasets and feature stores are made once."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def smoke_cfg(tmp_path, data_dir):
+    def make(*overrides: str) -> DictConfig:
+        return compose_train(tmp_path / "run", data_dir, ["experiment=smoke", *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def coco_mini() -> Path:
+    path = SHARED_DATA / "coco_mini"
+    if not path.is_dir():
+        pytest.skip("../shared/data/coco_mini is not present")
+    return path

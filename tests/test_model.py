@@ -1,0 +1,85 @@
+"""The LightningModule: labels, frozen parts, learning."""
+
+from __future__ import annotations
+
+import torch
+from hydra.utils import instantiate
+
+from captioner.data.datamodule import collate
+
+
+def build(smoke_cfg, *overrides):
+    cfg = smoke_cfg(*overrides)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    module = instantiate(cfg.model)
+    return module, datamodule
+
+
+def pixel_batch(module, captions=("a red circle", "a big blue square on the left")):
+    tokenizer = module.tokenizer
+    items = [{"image_id": i, "input_ids": tokenizer.encode(c) + [tokenizer.eos_token_id]} for i, c in enumerate(captions)]
+    batch = collate(items, tokenizer.pad_token_id)
+    batch["pixels"] = torch.randn(len(captions), 3, module.encoder.resolution, module.encoder.resolution)
+    return batch
+
+
+def test_labels_are_minus_100_exactly_on_prefix_and_padding(smoke_cfg, monkeypatch):
+    module, _ = build(smoke_cfg)
+    batch = pixel_batch(module)
+    seen = {}
+    forward = module.decoder.forward
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(module.decoder, "forward", spy)
+    module(batch)
+    labels, P = seen["labels"], module.hparams.prefix_length
+    assert labels.shape[1] == P + batch["input_ids"].shape[1]
+    assert (labels[:, :P] == -100).all()
+    assert torch.equal(labels[:, P:] == -100, batch["attention_mask"] == 0)
+    assert torch.equal(labels[:, P:][batch["attention_mask"] == 1], batch["input_ids"][batch["attention_mask"] == 1])
+    assert seen["attention_mask"][:, :P].all()
+
+
+def test_frozen_clip_gets_no_gradient_and_stays_in_eval_mode(smoke_cfg):
+    module, _ = build(smoke_cfg)
+    module.train()
+    assert not module.encoder.training and all(not m.training for m in module.encoder.modules())
+    assert module.mapper.training and module.decoder.training
+    before = {k: v.clone() for k, v in module.encoder.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1)
+    loss = module(pixel_batch(module)).loss
+    loss.backward()
+    optimizer.step()
+    assert all(p.grad is None for p in module.encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.mapper.parameters())
+    assert all(torch.equal(before[k], v) for k, v in module.encoder.state_dict().items())
+
+
+def test_frozen_decoder_is_out_of_the_optimizer_and_in_eval_mode(smoke_cfg):
+    module, _ = build(smoke_cfg, "model.freeze_decoder=true")
+    module.train()
+    assert not module.decoder.training
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    assert not any(id(p) in trainable for p in module.decoder.parameters())
+    assert trainable == {id(p) for p in module.mapper.parameters()}
+
+
+def test_loss_falls_over_a_few_dozen_steps(smoke_cfg):
+    torch.manual_seed(0)
+    module, datamodule = build(smoke_cfg)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+    module.train()
+    losses = []
+    for _ in range(40):
+        loss = module(batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses

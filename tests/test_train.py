@@ -1,0 +1,63 @@
+"""The training entry point, composed from the real configs."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from captioner.models.hub import MissingWeightsError
+from captioner.train import run
+from conftest import CONF, compose_train
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_config_composes(experiment, tmp_path):
+    cfg = compose_train(tmp_path / "run", tmp_path / "data", [f"experiment={experiment}"])
+    assert cfg.model._target_ == "captioner.module.CaptionModule"
+    assert cfg.data._target_ == "captioner.data.datamodule.CaptionDataModule"
+    assert cfg.trainer.max_epochs >= 1
+
+
+def test_coco_attn_has_the_papers_settings(tmp_path):
+    cfg = compose_train(tmp_path / "run", tmp_path / "data", ["experiment=coco_attn"])
+    assert (cfg.model.prefix_length, cfg.model.mapper.num_layers, cfg.trainer.max_epochs) == (40, 8, 12)
+    assert (cfg.model.encoder, cfg.model.decoder, cfg.model.lr) == ("ViT-B/32", "gpt2", 5e-5)
+    assert cfg.data.noise.rate == 0.1
+
+
+def test_absent_pretrained_weights_fail_fast_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no cached CLIP or HF files
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    cfg = compose_train(tmp_path / "run", tmp_path / "data", ["experiment=coco_attn"])
+    start = time.monotonic()
+    with pytest.raises(Exception) as raised:
+        run(cfg)
+    assert time.monotonic() - start < 10
+    error = raised.value.__cause__ or raised.value
+    assert isinstance(error, MissingWeightsError), repr(raised.value)
+    assert "ViT-B/32" in str(error) and "local path" in str(error) and "model.encoder" in str(error)
+
+
+def test_fast_dev_run_of_the_embedded_default(tmp_path, data_dir):
+    cfg = compose_train(tmp_path / "run", data_dir, ["debug=fdr"])
+    metrics = run(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_smoke_run_writes_captions_and_scores(smoke_cfg, tmp_path):
+    run(smoke_cfg())
+    out = tmp_path / "run"
+    scores = json.loads((out / "scores.json").read_text())
+    assert set(scores) == {"model", "human", "percent_of_human"}
+    assert set(scores["model"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}  # smoke: no METEOR
+    captions = json.loads((out / "captions_test.json").read_text())
+    assert len(captions) == 16 and all(set(c) == {"image_id", "caption"} for c in captions)
+    assert list((out / "checkpoints").glob("last.ckpt"))
+    assert (out / "loss_curve.png").stat().st_size > 0
