@@ -1,0 +1,87 @@
+"""Loading a trained model without running anyone's code: Lightning `.ckpt` files or export directories.
+
+A `.ckpt` is read only with `torch.load(weights_only=True)`, which unpickles tensors and plain
+containers and refuses any other global; an export directory (captioner/export.py) holds
+`model.safetensors` + `config.json` + the tokenizer files, and safetensors holds no code at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+class UnsafeCheckpointError(ValueError):
+    """The checkpoint's pickle names globals (functions, classes) that would run on load."""
+
+
+def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """`torch.load(path, weights_only=True)`; a pickle that would import or call anything is refused
+    before any of it runs, with an error naming what it wanted to import."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        try:
+            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # not a zip checkpoint at all: the load error says enough
+            wanted = []
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: its pickle would import {wanted or 'non-tensor objects'}, which could run "
+            "arbitrary code. Checkpoints written by captioner hold only tensors and plain values; load this file "
+            "only if you trust its source, and re-save it (or export it with `python -m captioner.export`)."
+        ) from error
+
+
+def _module_from_hparams(hparams: dict, overrides: dict):
+    from captioner.module import CaptionModule
+
+    return CaptionModule(**{**hparams, **overrides})
+
+
+def load_module(path: str | os.PathLike, map_location="cpu", **overrides):
+    """A `CaptionModule` in eval mode from a Lightning `.ckpt` or an export directory.
+
+    `overrides` replace saved hyperparameters, e.g. `tokenizer=` when the training run's tokenizer
+    directory has moved (an export directory carries its own tokenizer)."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_export(path, map_location, overrides)
+    checkpoint = read_checkpoint(path, map_location)
+    if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ValueError(f"{path} is not a captioner Lightning checkpoint (no state_dict / hyper_parameters)")
+    module = _module_from_hparams(dict(checkpoint["hyper_parameters"]), overrides)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()
+
+
+def _load_export(path: Path, map_location, overrides: dict):
+    from safetensors.torch import load_file
+
+    if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{path} is not an export directory: it needs {WEIGHTS} and {CONFIG} (python -m captioner.export ckpt=...)"
+        )
+    config = json.loads((path / CONFIG).read_text())
+    hparams = dict(config["hyper_parameters"])
+    if (path / "tokenizer").is_dir():
+        hparams["tokenizer"] = str(path / "tokenizer")
+    module = _module_from_hparams(hparams, overrides)
+    state = load_file(str(path / WEIGHTS), device=str(map_location))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    # what the export left out must be rebuilt by the config: pretrained (named) or tied weights
+    rebuilt = set(config.get("rebuilt_from_config", []))
+    if unexpected or set(missing) - rebuilt:
+        raise ValueError(
+            f"{path / WEIGHTS} does not match the model its config builds: "
+            f"missing {sorted(set(missing) - rebuilt)[:5]}, unexpected {unexpected[:5]}"
+        )
+    return module.eval()
