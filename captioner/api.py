@@ -1,0 +1,144 @@
+"""The Python API: `Captioner.from_pretrained(path).caption(images, **decoding)`.
+
+One implementation of "image in, caption out", used by the web app and the CLI:
+
+    from captioner.api import Captioner
+    captioner = Captioner.from_pretrained("outputs/train/runs/.../checkpoints/last.ckpt")
+    captioner.caption("photo.jpg")                          # -> "a dog on a couch"
+    captioner.caption(["a.jpg", pil_image], strategy="beam", num_beams=3)  # -> [str, str]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from captioner.data.coco import load_image, upright_rgb
+from captioner.generate import Decoding, decoding_from, generate
+from captioner.models.mapper import AttentionMapper
+
+ImageLike = str | Path | Image.Image | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Caption:
+    text: str
+    attention: torch.Tensor | None = None  # (P, g, g): where each prefix slot looked (attention mapper only)
+
+
+def load_module(path: str | Path):
+    """A CaptionModule from a Lightning checkpoint or an exported directory (captioner/checkpoint.py)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: pass a .ckpt file from a run's checkpoints/ folder")
+    try:
+        from captioner.checkpoint import load_module as load
+    except ImportError:  # a checkout without checkpoint export reads Lightning checkpoints only
+        from captioner.module import CaptionModule
+
+        return CaptionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    return load(path)
+
+
+def to_pil(image: ImageLike) -> Image.Image:
+    """Upright RGB from a path (any format PIL reads), a PIL image, or an image tensor.
+
+    A tensor is an image as torchvision reads it: (C, H, W) with C = 1 or 3, uint8 in [0, 255] or
+    float in [0, 1], at any size; it is resized and normalised like a file."""
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return upright_rgb(image)
+    if isinstance(image, torch.Tensor):
+        from torchvision.transforms.functional import to_pil_image
+
+        if image.dim() != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"an image tensor must be (C, H, W) with C = 1 or 3, got shape {tuple(image.shape)}")
+        if image.is_floating_point() and (image.min() < 0 or image.max() > 1):
+            raise ValueError("a float image tensor must hold values in [0, 1] (or pass uint8 in [0, 255])")
+        return to_pil_image(image.cpu()).convert("RGB")
+    raise TypeError(f"cannot caption a {type(image).__name__}: pass a path, a PIL image or a (C, H, W) tensor")
+
+
+def _as_list(images) -> tuple[list, bool]:
+    """(items, single): a batch tensor (B, C, H, W) is B images; a str/Path/PIL/(C, H, W) is one."""
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        return list(images), False
+    if isinstance(images, (str, Path, Image.Image, torch.Tensor)):
+        return [images], True
+    return list(images), False
+
+
+class Captioner:
+    """A trained CaptionModule in eval mode, with image loading, preprocessing and decoding."""
+
+    def __init__(self, module, device: str | torch.device = "cpu"):
+        self.module = module.to(device).eval()
+        self.device = torch.device(device)
+        self.preprocess = module.encoder.preprocess  # CLIP's resize, centre crop and normalisation
+        self.resolution = module.encoder.resolution
+        self.has_attention = isinstance(module.mapper, AttentionMapper)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", int8: bool = False) -> "Captioner":
+        """Load a Lightning checkpoint (`.ckpt`) or an exported safetensors directory.
+
+        `int8=True` quantizes the Linear layers to int8 for CPU inference (captioner/quantize.py)."""
+        module = load_module(path)
+        if int8:
+            if str(device) != "cpu":
+                raise ValueError("int8 quantization runs on the CPU only: drop int8 or use device=cpu")
+            module = quantize_module(module)
+        return cls(module, device)
+
+    def pixels(self, images: Iterable[ImageLike]) -> torch.Tensor:
+        """Images -> the encoder's input, (B, 3, R, R)."""
+        return torch.stack([self.preprocess(to_pil(image)) for image in images])
+
+    @torch.inference_mode()
+    def caption_pixels(self, pixels: torch.Tensor, decoding: Decoding | None = None, attention: bool = False) -> list[Caption]:
+        """Caption a preprocessed batch (B, 3, R, R) in one forward pass."""
+        module = self.module
+        features = module.features({"pixels": pixels.to(self.device)})
+        maps = None
+        if attention and self.has_attention:
+            prefix, weights = module.mapper(features, return_attention=True)  # weights (B, P, N)
+            g = int(weights.shape[-1] ** 0.5)
+            maps = weights.float().reshape(*weights.shape[:2], g, g).cpu()  # (B, P, g, g)
+        else:
+            prefix = module.mapper(features)  # (B, P, D)
+        texts = generate(module.decoder, module.tokenizer, prefix, decoding or Decoding())
+        return [Caption(t, None if maps is None else maps[i]) for i, t in enumerate(texts)]
+
+    def describe(self, images, batch_size: int = 16, attention: bool = True, **decoding) -> list[Caption]:
+        """Captions with their attention maps (when the mapper has them), one per image."""
+        items, _ = _as_list(images)
+        options = decoding_from(decoding)
+        results: list[Caption] = []
+        for start in range(0, len(items), batch_size):
+            results += self.caption_pixels(self.pixels(items[start : start + batch_size]), options, attention)
+        return results
+
+    def caption(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 16, **decoding) -> str | list[str]:
+        """A caption for one image, or a list for a list (or a (B, C, H, W) tensor) of images.
+
+        Decoding options are `captioner.generate.Decoding` fields: strategy=greedy|beam|sample,
+        num_beams, length_penalty, temperature, top_k, top_p, max_new_tokens."""
+        items, single = _as_list(images)
+        texts = [c.text for c in self.describe(items, batch_size=batch_size, attention=False, **decoding)]
+        return texts[0] if single else texts
+
+
+def quantize_module(module):
+    """int8 dynamic quantization through captioner/quantize.py, or a clear error when it is absent."""
+    try:
+        from captioner import quantize
+    except ImportError:
+        raise NotImplementedError(
+            "int8 inference is not available in this installation (captioner/quantize.py is missing): drop the int8 option"
+        ) from None
+    return quantize.quantize_module(module)

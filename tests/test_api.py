@@ -1,0 +1,91 @@
+"""The Python API: paths, PIL images and tensors caption alike; decoding options reach the decoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner.api import Captioner
+
+
+@pytest.fixture(scope="module")
+def captioner(embedded_ckpt) -> Captioner:
+    return Captioner.from_pretrained(embedded_ckpt)
+
+
+def test_paths_pil_and_tensors_give_the_same_caption(captioner, tmp_path):
+    image = Image.new("RGB", (96, 64), (30, 60, 200))
+    image.paste((220, 40, 40), (10, 10, 40, 40))
+    path = tmp_path / "scene.png"
+    image.save(path)
+    tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+
+    from_path = captioner.caption(path)
+    assert isinstance(from_path, str) and from_path
+    assert captioner.caption(image) == from_path
+    assert captioner.caption(tensor) == from_path
+    assert captioner.caption(tensor.float() / 255) == from_path
+    batch = captioner.caption([path, image, tensor])
+    assert batch == [from_path] * 3
+    assert captioner.caption(tensor.unsqueeze(0).expand(2, -1, -1, -1)) == [from_path] * 2  # (B, C, H, W)
+
+
+def test_a_batch_equals_one_image_at_a_time(captioner, tmp_path):
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (120, 40, 160)]
+    images = []
+    for i, colour in enumerate(colours):
+        image = Image.new("RGB", (64, 64), (255, 255, 255))
+        image.paste(colour, (8 * i, 8, 8 * i + 24, 40))
+        images.append(image)
+    one_by_one = [captioner.caption(image) for image in images]
+    assert captioner.caption(images, batch_size=2) == one_by_one
+
+
+def test_decoding_options_reach_the_decoder(captioner):
+    image = Image.new("RGB", (64, 64), (40, 170, 60))
+    short = captioner.caption(image, max_new_tokens=2)
+    assert len(captioner.module.tokenizer(short)["input_ids"]) <= 2
+    assert isinstance(captioner.caption(image, strategy="beam", num_beams=3), str)
+    with pytest.raises(ValueError, match="unknown decoding option"):
+        captioner.caption(image, beams=3)
+    with pytest.raises(ValueError, match="not one of greedy, beam, sample"):
+        captioner.caption(image, strategy="nucleus")
+
+
+def test_attention_maps_cover_the_patch_grid(captioner):
+    [result] = captioner.describe([Image.new("RGB", (80, 60), (235, 210, 30))])
+    module = captioner.module
+    g = int(module.encoder.num_tokens**0.5)
+    assert result.attention.shape == (module.hparams.prefix_length, g, g)
+    torch.testing.assert_close(result.attention.sum(dim=(1, 2)), torch.ones(module.hparams.prefix_length))
+    assert result.text == captioner.caption(Image.new("RGB", (80, 60), (235, 210, 30)))  # same caption with or without maps
+
+
+def test_bad_inputs_name_the_problem(captioner, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        captioner.caption(tmp_path / "missing.jpg")
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not an image")
+    with pytest.raises(ValueError, match="cannot be decoded"):
+        captioner.caption(broken)
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        captioner.caption(torch.zeros(5, 8, 8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        captioner.caption(torch.full((3, 8, 8), 3.0))
+    with pytest.raises(TypeError, match="path, a PIL image"):
+        captioner.caption([42])
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        Captioner.from_pretrained(tmp_path / "nothing.ckpt")
+
+
+def test_modes_are_normalised_like_files(captioner, tmp_path):
+    rgb = Image.new("RGB", (64, 64), (128, 128, 128))
+    expected = captioner.caption(rgb)
+    assert captioner.caption(rgb.convert("L")) == expected  # grey stays grey
+    rgba = Image.new("RGBA", (64, 64), (128, 128, 128, 255))
+    assert captioner.caption(rgba) == expected
+    path = tmp_path / "grey16.png"
+    Image.new("I;16", (64, 64), 128 * 256).save(path)
+    assert captioner.caption(path) == expected
