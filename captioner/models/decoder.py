@@ -1,4 +1,10 @@
-"""GPT-2 (transformers) and its tokenizer: pretrained by name or path, or built at any size."""
+"""GPT-2 (transformers) and its tokenizer: pretrained by name or path, or built at any size.
+
+Pretrained: `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `distilgpt2` (any hub name) or a local
+directory saved by `save_pretrained`. Random: a mapping of `GPT2Config` fields, optionally
+`arch: NAME` for a published size (`captioner/models/zoo.py`). Freezing is the module's choice
+(`freeze_decoder`): no gradient, out of the optimizer, eval mode.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from captioner.models.hub import missing, reachable
+from captioner.models.zoo import GPT2_ARCHS, resolve
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -44,13 +51,19 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
 
 def load_gpt2(spec: str | Mapping, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> GPT2LMHeadModel:
     """A string loads pretrained GPT-2 (`gpt2`, `distilgpt2`, ... or a local directory); a mapping of
-    `GPT2Config` fields builds that architecture with seeded random weights and the tokenizer's vocabulary."""
+    `GPT2Config` fields builds that architecture with seeded random weights and the tokenizer's vocabulary
+    (`arch: gpt2-medium` starts from a published size; an explicit `vocab_size` wins)."""
     vocab_size, eos = len(tokenizer), tokenizer.eos_token_id
     if isinstance(spec, Mapping):
         torch.manual_seed(seed)
-        config = GPT2Config(**{"vocab_size": vocab_size, **spec}, bos_token_id=eos, eos_token_id=eos)
-        return GPT2LMHeadModel(config)
-    model = _from_hub(GPT2LMHeadModel.from_pretrained, spec, "model.decoder", "GPT-2", "config.json")
+        fields = resolve(spec, GPT2_ARCHS, "model.decoder")
+        if "vocab_size" not in spec:  # the tokenizer's vocabulary unless the spec itself sets one
+            fields["vocab_size"] = vocab_size
+        model = GPT2LMHeadModel(GPT2Config(**fields, bos_token_id=eos, eos_token_id=eos))
+    elif Path(spec).expanduser().is_dir():
+        model = GPT2LMHeadModel.from_pretrained(Path(spec).expanduser())
+    else:
+        model = _from_hub(GPT2LMHeadModel.from_pretrained, spec, "model.decoder", "GPT-2", "config.json")
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"decoder {spec!r} has {model.config.vocab_size} embeddings but the tokenizer has {vocab_size} tokens")
     return model

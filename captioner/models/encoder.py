@@ -1,4 +1,10 @@
-"""The frozen CLIP image encoder (OpenAI's `clip` package): pooled features and patch tokens."""
+"""The frozen CLIP encoders (OpenAI's `clip` package): pooled features, patch tokens, text embeddings.
+
+Every OpenAI CLIP works by name (RN50, RN101, RN50x4, RN50x16, RN50x64, ViT-B/32, ViT-B/16, ViT-L/14,
+ViT-L/14@336px), by local `.pt` file, or at any size with random weights (a mapping of `clip.model.CLIP`
+arguments, optionally `arch: NAME` for a published size; see `captioner/models/zoo.py`). Every dimension
+is read from the loaded model.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from clip.model import CLIP, ModifiedResNet
 from torch import nn
 
 from captioner.models.hub import missing, reachable
+from captioner.models.zoo import CLIP_ARCHS, resolve
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -21,7 +28,7 @@ def load_clip(spec: str | Mapping, seed: int = 0) -> CLIP:
     a mapping of `clip.model.CLIP` arguments builds that architecture with seeded random weights."""
     if isinstance(spec, Mapping):
         torch.manual_seed(seed)
-        args = dict(spec)
+        args = resolve(spec, CLIP_ARCHS, "model.encoder")
         if isinstance(args["vision_layers"], (list, tuple)):  # ResNets take a tuple of stage depths
             args["vision_layers"] = tuple(args["vision_layers"])
         return CLIP(**args).float()
@@ -38,30 +45,78 @@ def load_clip(spec: str | Mapping, seed: int = 0) -> CLIP:
     return clip.load(spec, device="cpu", jit=False)[0].float()
 
 
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """OpenAI's mixed precision, for any dtype: convolutions, linear and attention weights and the
+    projections take `dtype`; LayerNorm, BatchNorm and embeddings stay fp32 (clip's LayerNorm computes
+    in fp32 and casts back), as in `clip.model.convert_weights`, which knows only fp16."""
+
+    def cast(module: nn.Module) -> None:
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(dtype)
+        if isinstance(module, nn.MultiheadAttention):
+            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k", "bias_v"):
+                tensor = getattr(module, name)
+                if tensor is not None:
+                    tensor.data = tensor.data.to(dtype)
+        for name in ("text_projection", "proj"):
+            tensor = getattr(module, name, None)
+            if isinstance(tensor, torch.Tensor):
+                tensor.data = tensor.data.to(dtype)
+
+    model.apply(cast)
+
+
+class ClipText(nn.Module):
+    """CLIP's text tower alone (the image tower lives in `ClipEncoder.visual`): captions -> (B, E)."""
+
+    def __init__(self, model: CLIP):
+        super().__init__()
+        self.context_length = model.context_length
+        self.token_embedding = model.token_embedding
+        self.positional_embedding = model.positional_embedding
+        self.transformer = model.transformer  # its blocks hold the causal mask
+        self.ln_final = model.ln_final
+        self.text_projection = model.text_projection
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        dtype = self.text_projection.dtype
+        x = self.token_embedding(tokens).to(dtype) + self.positional_embedding.to(dtype)  # (B, C, W)
+        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # clip's transformer is (C, B, W)
+        x = self.ln_final(x)
+        # the end-of-text token (the highest id in each row) summarises the caption
+        return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ self.text_projection  # (B, E)
+
+
 class ClipEncoder(nn.Module):
     """Frozen CLIP: `forward(pixels)` -> {"clip_features": (B, E), "patch_tokens": (B, N, W)}.
 
-    For ViTs the patch tokens are the last layer's tokens after `ln_post` and the projection (W = E);
-    for ResNets they are the final feature grid before attention pooling (W = channels).
+    For ViTs the patch tokens are the last layer's tokens after `ln_post` and the projection (W = E), so
+    `clip_features` is exactly CLIP's `encode_image`. For ResNets they are the final feature grid
+    before attention pooling (N = (resolution/32)^2, W = its channels).
     """
 
     def __init__(self, spec: str | Mapping, precision: str = "fp32", seed: int = 0):
         super().__init__()
+        if precision not in DTYPES:
+            raise ValueError(f"encoder precision {precision!r}: choose one of {sorted(DTYPES)} (model.encoder_precision)")
         model = load_clip(spec, seed)
         self.visual = model.visual
-        self.text = model  # kept for text-only training: encode_text uses the text tower
+        self.text = ClipText(model)  # text-only training (CapDec) embeds captions with it
         self.dtype = DTYPES[precision]
-        self.to(self.dtype)
+        cast_weights(self, self.dtype)
         self.requires_grad_(False)
         self.eval()
-        self.resolution = self.visual.input_resolution
-        self.embed_dim = model.text_projection.shape[1]
-        if isinstance(self.visual, ModifiedResNet):
-            self.token_dim = self.visual.attnpool.k_proj.in_features
-            self.num_tokens = (self.resolution // 32) ** 2
+        v = self.visual
+        self.resolution = v.input_resolution
+        self.embed_dim = v.output_dim
+        if isinstance(v, ModifiedResNet):
+            self.token_dim = v.attnpool.k_proj.in_features
+            self.num_tokens = v.attnpool.positional_embedding.shape[0] - 1  # grid cells, without the mean token
         else:
-            self.token_dim = self.embed_dim
-            self.num_tokens = (self.resolution // self.visual.conv1.kernel_size[0]) ** 2
+            self.token_dim = v.output_dim
+            self.num_tokens = v.positional_embedding.shape[0] - 1  # patches, without the class token
 
     def train(self, mode: bool = True) -> "ClipEncoder":
         return super().train(False)  # frozen: always in eval mode, whatever the Trainer asks
@@ -72,7 +127,7 @@ class ClipEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        pixels = pixels.to(self.dtype)
+        pixels = pixels.to(self.visual.conv1.weight.device, self.dtype)
         if isinstance(self.visual, ModifiedResNet):
             return self._resnet(pixels)
         v = self.visual
@@ -92,10 +147,10 @@ class ClipEncoder(nn.Module):
         x = v.avgpool(v.relu3(v.bn3(v.conv3(x))))
         grid = v.layer4(v.layer3(v.layer2(v.layer1(x))))  # (B, C, h, w)
         pooled = v.attnpool(grid)  # (B, E)
-        return {"clip_features": pooled.float(), "patch_tokens": grid.flatten(2).transpose(1, 2).float()}
+        return {"clip_features": pooled.float(), "patch_tokens": grid.flatten(2).transpose(1, 2).float()}  # (B, h*w, C)
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """CLIP text embeddings (B, E), for training on captions alone (CapDec)."""
         tokens = clip.tokenize(texts, context_length=self.text.context_length, truncate=True)
-        return self.text.encode_text(tokens).float()
+        return self.text(tokens.to(self.text.token_embedding.weight.device)).float()

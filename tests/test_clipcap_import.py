@@ -1,0 +1,207 @@
+"""ClipCap checkpoints import with identical logits (the minGPT pattern: same weights, same inputs).
+
+The reference below re-implements ClipCap's model (rmokady/CLIP_prefix_caption, train.py:
+`MLP`, `MultiHeadAttention`, `TransformerLayer`, `Transformer`, `TransformerMapper`,
+`ClipCaptionModel`) line for line, so its state dict has ClipCap's exact key layout.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as nnf
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from captioner.data.synthetic import train_tokenizer
+from captioner.import_clipcap import ClipCapImportError, import_clipcap, main
+from captioner.module import CaptionModule
+
+CLIP = {"embed_dim": 48, "image_resolution": 32, "vision_layers": 1, "vision_width": 64, "vision_patch_size": 16,
+        "context_length": 16, "vocab_size": 49408, "transformer_width": 32, "transformer_heads": 2, "transformer_layers": 1}
+
+
+# ---- ClipCap's model, as in its train.py -------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, sizes, bias=True, act=nn.Tanh):
+        super().__init__()
+        layers = []
+        for i in range(len(sizes) - 1):
+            layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias))
+            if i < len(sizes) - 2:
+                layers.append(act())
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class MlpTransformer(nn.Module):
+    def __init__(self, in_dim, h_dim, out_d=None, act=nnf.relu, dropout=0.0):
+        super().__init__()
+        out_d = out_d if out_d is not None else in_dim
+        self.fc1, self.act, self.fc2, self.dropout = nn.Linear(in_dim, h_dim), act, nn.Linear(h_dim, out_d), nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, dim_self, dim_ref, num_heads, bias=True, dropout=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim_self // num_heads) ** -0.5
+        self.to_queries = nn.Linear(dim_self, dim_self, bias=bias)
+        self.to_keys_values = nn.Linear(dim_ref, dim_self * 2, bias=bias)
+        self.project = nn.Linear(dim_self, dim_self)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, y=None, mask=None):
+        y = y if y is not None else x
+        b, n, c = x.shape
+        _, m, d = y.shape
+        queries = self.to_queries(x).reshape(b, n, self.num_heads, c // self.num_heads)
+        keys_values = self.to_keys_values(y).reshape(b, m, 2, self.num_heads, c // self.num_heads)
+        keys, values = keys_values[:, :, 0], keys_values[:, :, 1]
+        attention = torch.einsum("bnhd,bmhd->bnmh", queries, keys) * self.scale
+        attention = attention.softmax(dim=2)
+        out = torch.einsum("bnmh,bmhd->bnhd", attention, values).reshape(b, n, c)
+        return self.project(out), attention
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, dim_self, dim_ref, num_heads, mlp_ratio=4.0, bias=False, dropout=0.0, act=nnf.relu):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim_self)
+        self.attn = MultiHeadAttention(dim_self, dim_ref, num_heads, bias=bias, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim_self)
+        self.mlp = MlpTransformer(dim_self, int(dim_self * mlp_ratio), act=act, dropout=dropout)
+
+    def forward(self, x, y=None, mask=None):
+        x = x + self.attn(self.norm1(x), y, mask)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, dim_self, num_heads, num_layers, mlp_ratio=2.0):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(dim_self, dim_self, num_heads, mlp_ratio) for _ in range(num_layers))
+
+    def forward(self, x, y=None, mask=None):
+        for layer in self.layers:
+            x = layer(x, y, mask)
+        return x
+
+
+class TransformerMapper(nn.Module):
+    def __init__(self, dim_clip, dim_embedding, prefix_length, clip_length, num_layers=8):
+        super().__init__()
+        self.clip_length = clip_length
+        self.transformer = Transformer(dim_embedding, 8, num_layers)
+        self.linear = nn.Linear(dim_clip, clip_length * dim_embedding)
+        self.prefix_const = nn.Parameter(torch.randn(prefix_length, dim_embedding), requires_grad=True)
+
+    def forward(self, x):
+        x = self.linear(x).view(x.shape[0], self.clip_length, -1)
+        prefix = self.prefix_const.unsqueeze(0).expand(x.shape[0], *self.prefix_const.shape)
+        prefix = torch.cat((x, prefix), dim=1)
+        return self.transformer(prefix)[:, self.clip_length :]
+
+
+class ClipCaptionModel(nn.Module):
+    def __init__(self, gpt, prefix_length, clip_length=None, prefix_size=512, num_layers=8, mapping_type="mlp"):
+        super().__init__()
+        self.prefix_length = prefix_length
+        self.gpt = gpt  # ClipCap: GPT2LMHeadModel.from_pretrained('gpt2')
+        self.gpt_embedding_size = self.gpt.transformer.wte.weight.shape[1]
+        if mapping_type == "mlp":
+            d, p = self.gpt_embedding_size, prefix_length
+            self.clip_project = MLP((prefix_size, (d * p) // 2, d * p))
+        else:
+            self.clip_project = TransformerMapper(prefix_size, self.gpt_embedding_size, prefix_length, clip_length, num_layers)
+
+    def forward(self, tokens, prefix, mask=None):
+        embedding_text = self.gpt.transformer.wte(tokens)
+        prefix_projections = self.clip_project(prefix).view(-1, self.prefix_length, self.gpt_embedding_size)
+        embedding_cat = torch.cat((prefix_projections, embedding_text), dim=1)
+        return self.gpt(inputs_embeds=embedding_cat, attention_mask=mask)
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(["a red circle above a small blue square", "two green triangles"] * 20, out, vocab_size=300)
+    return out
+
+
+def clipcap_checkpoint(path, tokenizer_dir, mapping_type, stale, prefix_length=4, clip_length=3, seed=0):
+    """A random ClipCap model saved as ClipCap saves it (`torch.save(model.state_dict())`)."""
+    torch.manual_seed(seed)
+    vocab = len(json.loads((tokenizer_dir / "vocab.json").read_text()))
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=64, n_layer=2, n_head=1))  # 64-wide heads, as GPT-2's
+    model = ClipCaptionModel(gpt, prefix_length, clip_length, prefix_size=CLIP["embed_dim"], num_layers=2, mapping_type=mapping_type)
+    state = model.state_dict()
+    if stale:  # what transformers < 4.x wrote into every GPT-2 checkpoint
+        for i in range(2):
+            state[f"gpt.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(32, 32, dtype=torch.uint8)).view(1, 1, 32, 32)
+            state[f"gpt.transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, path)
+    return model.eval()
+
+
+@pytest.mark.parametrize("mapping_type", ["mlp", "transformer"])
+@pytest.mark.parametrize("stale", [False, True], ids=["current-keys", "stale-attn-bias"])
+def test_imported_logits_equal_clipcaps(mapping_type, stale, tmp_path, tokenizer_dir, capsys):
+    reference = clipcap_checkpoint(tmp_path / "clipcap.pt", tokenizer_dir, mapping_type, stale)
+    out = tmp_path / "imported.ckpt"
+    main([str(tmp_path / "clipcap.pt"), "--mapper", mapping_type, "--prefix-length", "4",
+          *(["--clip-length", "3"] if mapping_type == "transformer" else []),
+          "--clip", json.dumps(CLIP), "--tokenizer", str(tokenizer_dir), "-o", str(out)])
+    printed = capsys.readouterr().out
+    module = CaptionModule.load_from_checkpoint(out, weights_only=True).eval()
+
+    torch.manual_seed(1)
+    features = torch.randn(3, CLIP["embed_dim"]) * 5  # raw CLIP embeddings are far from unit norm
+    tokens = torch.randint(0, reference.gpt.config.vocab_size, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0  # a padded caption
+    # what ClipCap's published models were fed: the raw embedding (MLP) or its L2-normalised form (transformer)
+    prefix = features / features.norm(2, -1, keepdim=True) if mapping_type == "transformer" else features
+    with torch.no_grad():
+        expected = reference(tokens, prefix, torch.cat([torch.ones(3, 4, dtype=torch.long), mask], dim=1)).logits
+        batch = {"clip_features": features, "input_ids": tokens, "attention_mask": mask, "labels": tokens.masked_fill(mask == 0, -100)}
+        got = module(batch).logits
+    assert got.shape == expected.shape == (3, 4 + 7, reference.gpt.config.vocab_size)
+    diff = (got - expected).abs().max().item()
+    print(f"max |logit difference| {mapping_type} stale={stale}: {diff:.2e}")
+    assert diff <= 1e-5
+    assert module.hparams.normalize_features == (mapping_type == "transformer")
+    assert ("L2-normalises" in printed) == (mapping_type == "transformer")
+    report = torch.load(out, weights_only=True)["clipcap_import"]
+    assert report["dropped_keys"] == (4 if stale else 0)
+
+
+def test_mismatched_options_and_files_are_refused(tmp_path, tokenizer_dir):
+    clipcap_checkpoint(tmp_path / "mlp.pt", tokenizer_dir, "mlp", stale=True)
+    with pytest.raises(ClipCapImportError, match="--prefix-length 10 disagrees.*4"):
+        import_clipcap(tmp_path / "mlp.pt", "mlp", CLIP, str(tokenizer_dir), prefix_length=10)
+    with pytest.raises(ClipCapImportError, match="--mapper mlp"):
+        import_clipcap(tmp_path / "mlp.pt", "transformer", CLIP, str(tokenizer_dir))
+    with pytest.raises(ClipCapImportError, match="48-dim CLIP embeddings.*gives 64"):
+        import_clipcap(tmp_path / "mlp.pt", "mlp", {**CLIP, "embed_dim": 64}, str(tokenizer_dir))
+    state = torch.load(tmp_path / "mlp.pt", weights_only=True)
+    torch.save({**state, "clip_model.visual.proj": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ClipCapImportError, match="unexpected key 'clip_model.visual.proj'"):
+        import_clipcap(tmp_path / "other.pt", "mlp", CLIP, str(tokenizer_dir))
+
+
+def test_a_published_name_without_weights_fails_fast(tmp_path, tokenizer_dir, monkeypatch):
+    from captioner.models.hub import MissingWeightsError
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no cached CLIP
+    clipcap_checkpoint(tmp_path / "mlp.pt", tokenizer_dir, "mlp", stale=False)
+    with pytest.raises(MissingWeightsError, match="ViT-B/32"):
+        import_clipcap(tmp_path / "mlp.pt", "mlp", "ViT-B/32", str(tokenizer_dir))
