@@ -52,13 +52,12 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
 def load_gpt2(spec: str | Mapping, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> GPT2LMHeadModel:
     """A string loads pretrained GPT-2 (`gpt2`, `distilgpt2`, ... or a local directory); a mapping of
     `GPT2Config` fields builds that architecture with seeded random weights and the tokenizer's vocabulary
-    (`arch: gpt2-medium` starts from a published size; an explicit `vocab_size` wins)."""
+    (`arch: gpt2-medium` starts from a published size, GPT-2's 50257-token vocabulary included)."""
     vocab_size, eos = len(tokenizer), tokenizer.eos_token_id
     if isinstance(spec, Mapping):
         torch.manual_seed(seed)
         fields = resolve(spec, GPT2_ARCHS, "model.decoder")
-        if "vocab_size" not in spec:  # the tokenizer's vocabulary unless the spec itself sets one
-            fields["vocab_size"] = vocab_size
+        fields.setdefault("vocab_size", vocab_size)  # the tokenizer's, unless the spec or its arch sets one
         model = GPT2LMHeadModel(GPT2Config(**fields, bos_token_id=eos, eos_token_id=eos))
     elif Path(spec).expanduser().is_dir():
         model = GPT2LMHeadModel.from_pretrained(Path(spec).expanduser())
