@@ -56,3 +56,14 @@ def coco_mini() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data/coco_mini is not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def embedded_ckpt(tmp_path_factory, data_dir) -> Path:
+    """A checkpoint of the embedded default (attention mapper) after a seconds-long smoke run, made
+    once per session for the API, web, CLI, browser and notebook tests."""
+    from captioner.train import run
+
+    out = tmp_path_factory.mktemp("embedded_ckpt")
+    run(compose_train(out / "run", data_dir, ["experiment=smoke", "score=false"]))
+    return out / "run" / "checkpoints" / "last.ckpt"

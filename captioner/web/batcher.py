@@ -1,0 +1,107 @@
+"""Micro-batching: images from concurrent requests share one forward pass.
+
+One worker takes requests off a queue. While a batch runs, new requests queue up, and the next
+batch takes all of them (up to `max_batch` images), so under load the model runs full batches and
+an idle server answers a lone request at once. A batch waits at most `max_wait_ms` for requests
+that have arrived but are still being decoded, never for requests that may or may not come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Request:
+    key: Hashable  # requests share a batch only when their keys (decoding options) are equal
+    items: list
+    future: asyncio.Future
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    images: int = 0
+    largest: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)  # batch size -> how many batches had it
+
+    def add(self, size: int) -> None:
+        self.batches += 1
+        self.images += size
+        self.largest = max(self.largest, size)
+        self.sizes[size] = self.sizes.get(size, 0) + 1
+
+
+class MicroBatcher:
+    def __init__(self, run: Callable[[Hashable, list], list], max_batch: int = 16, max_wait_ms: float = 10.0):
+        self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000
+        self.stats = BatchStats()
+        self._arriving = 0  # requests being read and decoded: worth a short wait
+        self._queue: asyncio.Queue[_Request] | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+
+    def arrive(self) -> None:
+        self._arriving += 1
+
+    def depart(self) -> None:
+        self._arriving -= 1
+
+    async def submit(self, key: Hashable, items: list) -> list:
+        """Results for `items`, in order, computed in a batch with other requests of the same key."""
+        if self._queue is None:
+            raise RuntimeError("the batcher is not started: call `await batcher.start()` first")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Request(key, items, future))
+        return await future
+
+    async def _collect(self) -> list[_Request]:
+        loop = asyncio.get_running_loop()
+        batch = [await self._queue.get()]
+        count, deadline = len(batch[0].items), loop.time() + self.max_wait
+        while count < self.max_batch:
+            if self._queue.empty():
+                remaining = deadline - loop.time()
+                if self._arriving == 0 or remaining <= 0:
+                    break
+                try:
+                    request = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            else:
+                request = self._queue.get_nowait()
+            batch.append(request)
+            count += len(request.items)
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            requests = await self._collect()
+            groups: dict[Hashable, list[_Request]] = {}
+            for request in requests:
+                groups.setdefault(request.key, []).append(request)
+            for key, group in groups.items():
+                items = [item for request in group for item in request.items]
+                try:
+                    results = await asyncio.to_thread(self.run, key, items)
+                except Exception as e:  # noqa: BLE001 - handed to the waiting requests, the worker lives on
+                    for request in group:
+                        if not request.future.done():
+                            request.future.set_exception(e)
+                    continue
+                self.stats.add(len(items))
+                start = 0
+                for request in group:
+                    if not request.future.done():  # a client that hung up cancels its future
+                        request.future.set_result(results[start : start + len(request.items)])
+                    start += len(request.items)

@@ -1,0 +1,242 @@
+"""The web service on a real socket: bad uploads get 4xx JSON, odd images caption, requests batch."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+
+import httpx
+import pytest
+import uvicorn
+from PIL import Image
+
+from captioner.api import Captioner
+from captioner.web.app import Limits, create_app
+from captioner.web.batcher import MicroBatcher
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def captioner(embedded_ckpt) -> Captioner:
+    return Captioner.from_pretrained(embedded_ckpt)
+
+
+@pytest.fixture(scope="module")
+def server(captioner):
+    """The app under uvicorn in a thread, on a free port; yields its base URL."""
+    app = create_app(captioner, Limits())
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{config.port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def scene(size=(96, 64)) -> Image.Image:
+    image = Image.new("RGB", size, (255, 255, 255))
+    image.paste((220, 40, 40), (8, 8, size[0] // 2, size[1] // 2))
+    return image
+
+
+def png_bomb(side: int) -> bytes:
+    """A valid 1-bit PNG of side x side pixels that compresses to ~50 KB: a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def post(url: str, files=None, **kwargs) -> httpx.Response:
+    return httpx.post(f"{url}/v1/captions", files=files, timeout=60, **kwargs)
+
+
+JPEG = encode(scene(), "JPEG")
+BAD_UPLOADS = {  # name -> (request arguments, expected status, words the error must contain)
+    "empty body": (dict(), 415, "multipart/form-data"),
+    "empty multipart file": (dict(files={"images": ("a.jpg", b"", "image/jpeg")}), 400, "empty"),
+    "text named .jpg": (dict(files={"images": ("photo.jpg", b"hello, I am text", "image/jpeg")}), 415, "not an image"),
+    "truncated JPEG": (dict(files={"images": ("cut.jpg", JPEG[: len(JPEG) // 2], "image/jpeg")}), 400, "truncated"),
+    "20000x20000 PNG": (dict(files={"images": ("bomb.png", png_bomb(20000), "image/png")}), 413, "pixels"),
+    "50 MB body": (dict(files={"images": ("big.jpg", JPEG + b"\0" * (50 * 2**20), "image/jpeg")}), 413, "larger than"),
+    "wrong form field": (dict(files={"file": ("a.jpg", JPEG, "image/jpeg")}), 422, "'images'"),
+    "text in the image field": (dict(data={"images": "a.jpg"}, files={"other": ("a.jpg", JPEG)}), 422, "files"),
+    "unsupported type (PDF)": (dict(files={"images": ("a.pdf", b"%PDF-1.4\n1 0 obj<<>>endobj\n%%EOF", "application/pdf")}), 415, "not an image"),
+    "unsupported type (SVG)": (dict(files={"images": ("a.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "image/svg+xml")}), 415, "not an image"),
+    "unsupported type (ICO)": (dict(files={"images": ("a.ico", encode(scene(), "ICO"), "image/x-icon")}), 415, "not an image"),
+    "JSON body": (dict(json={"images": ["a.jpg"]}), 415, "multipart/form-data"),
+    "multipart without a boundary": (dict(content=JPEG, headers={"Content-Type": "multipart/form-data"}), 400, "boundary"),
+    "multipart without parts": (dict(content=b"--x\r\nnonsense", headers={"Content-Type": "multipart/form-data; boundary=x"}), 422, "no file"),
+    "too many images": (dict(files=[("images", (f"{i}.jpg", JPEG, "image/jpeg")) for i in range(17)]), 400, "Too many files"),
+    "bad decoding option": (dict(files={"images": ("a.jpg", JPEG, "image/jpeg")}, params={"strategy": "nucleus"}), 422, "strategy"),
+    "too many tokens": (dict(files={"images": ("a.jpg", JPEG, "image/jpeg")}, params={"max_new_tokens": 10_000}), 422, "max_new_tokens"),
+}
+
+
+def test_every_bad_upload_gets_a_4xx_json_error_then_an_image_still_captions(server):
+    for name, (kwargs, status, words) in BAD_UPLOADS.items():
+        response = post(server, **kwargs)
+        assert response.status_code == status, (name, response.status_code, response.text)
+        detail = response.json()["detail"]
+        assert words.lower() in detail.lower(), (name, detail)
+    response = post(server, files={"images": ("ok.jpg", JPEG, "image/jpeg")})
+    assert response.status_code == 200, response.text
+    [result] = response.json()["results"]
+    assert result["caption"] and result["latency_ms"] > 0 and result["file"] == "ok.jpg"
+    assert httpx.get(f"{server}/healthz").json()["status"] == "ok"
+
+
+def test_a_body_streamed_past_the_limit_is_cut_off(server):
+    def chunks():
+        yield b'--x\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n\r\n'
+        for _ in range(50):  # 50 MB, chunked: no Content-Length to refuse up front
+            yield b"\0" * 2**20
+
+    headers = {"Content-Type": "multipart/form-data; boundary=x"}
+    try:
+        response = post(server, content=chunks(), headers=headers)
+        assert response.status_code == 413 and "larger than" in response.json()["detail"]
+    except httpx.TransportError:  # the server may close the socket mid-upload: also a refusal
+        pass
+    assert post(server, files={"images": ("ok.jpg", JPEG, "image/jpeg")}).status_code == 200
+
+
+def exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    return encode(scene((96, 64)), "JPEG", exif=exif.tobytes())
+
+
+def animated_gif() -> bytes:
+    frames = [scene(), Image.new("RGB", (96, 64), (0, 0, 255))]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+ODD_IMAGES = {  # name -> (bytes, (width, height) after EXIF orientation)
+    "EXIF-rotated JPEG": (exif_rotated(), (64, 96)),
+    "greyscale PNG": (encode(scene().convert("L"), "PNG"), (96, 64)),
+    "CMYK JPEG": (encode(scene().convert("CMYK"), "JPEG"), (96, 64)),
+    "palette PNG": (encode(scene().convert("P"), "PNG"), (96, 64)),
+    "RGBA PNG": (encode(scene().convert("RGBA"), "PNG"), (96, 64)),
+    "16-bit PNG": (encode(Image.new("I;16", (96, 64), 40000), "PNG"), (96, 64)),
+    "animated GIF": (animated_gif(), (96, 64)),
+    "WebP": (encode(scene(), "WEBP"), (96, 64)),
+    "BMP": (encode(scene(), "BMP"), (96, 64)),
+    "TIFF": (encode(scene(), "TIFF"), (96, 64)),
+    "JPEG named .png": (JPEG, (96, 64)),
+}
+
+
+def test_odd_images_caption_in_one_request(server):
+    files = [("images", (f"{name}.png", data, "application/octet-stream")) for name, (data, _) in ODD_IMAGES.items()]
+    response = post(server, files=files)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == len(ODD_IMAGES)
+    for (name, (_, size)), result in zip(ODD_IMAGES.items(), results):
+        assert result["caption"], name
+        assert (result["width"], result["height"]) == size, name
+
+
+def test_raw_image_body_and_the_same_caption_as_the_api(server, captioner):
+    response = post(server, content=JPEG, headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["caption"] == captioner.caption(Image.open(io.BytesIO(JPEG)))
+
+
+def test_beam_search_and_attention_overlay(server, captioner):
+    response = post(server, files={"images": ("a.jpg", JPEG, "image/jpeg")}, params={"strategy": "beam", "num_beams": 3, "attention": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["decoding"]["strategy"] == "beam" and body["decoding"]["num_beams"] == 3
+    overlay = body["results"][0]["attention"]
+    p, n = captioner.module.hparams.prefix_length, captioner.module.encoder.num_tokens
+    assert len(overlay["maps"]) == p and all(len(m) == n for m in overlay["maps"])
+    assert overlay["grid"] ** 2 == n and overlay["crop"] == [16.0, 0.0, 64, 64]  # 96x64: the centre 64x64
+    assert max(max(m) for m in overlay["maps"]) == 1.0
+
+
+def test_page_health_and_openapi(server):
+    page = httpx.get(server)
+    assert page.status_code == 200 and "<input" in page.text and "/v1/captions" in page.text
+    assert "<script src" not in page.text and "https://" not in page.text  # self-contained: nothing from a CDN
+    schema = httpx.get(f"{server}/openapi.json").json()
+    assert "/v1/captions" in schema["paths"] and "/healthz" in schema["paths"]
+
+
+def test_concurrent_requests_share_a_forward_and_get_their_own_captions(server, captioner):
+    images = [scene((64 + 8 * i, 64)) for i in range(8)]
+    for i, image in enumerate(images):
+        image.paste((40, 80, 220), (4 * i, 30, 4 * i + 20, 50))
+    expected = captioner.caption(images)
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            requests = [client.post(f"{server}/v1/captions", files={"images": (f"{i}.png", encode(im, "PNG"), "image/png")}) for i, im in enumerate(images)]
+            return await asyncio.gather(*requests)
+
+    before = httpx.get(f"{server}/healthz").json()["batches"]
+    responses = asyncio.run(burst())
+    assert [r.json()["results"][0]["caption"] for r in responses] == expected
+    health = httpx.get(f"{server}/healthz").json()
+    assert health["batches"] - before < len(images)  # some requests shared a forward pass
+
+
+def test_the_batcher_groups_queued_requests_and_keeps_their_order():
+    calls = []
+
+    def run(key, items):
+        calls.append((key, list(items)))
+        time.sleep(0.2)  # a slow forward: later requests queue up meanwhile
+        return [f"{key}:{item}" for item in items]
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_batch=8, max_wait_ms=0)
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit("greedy", [0]))
+        await asyncio.sleep(0.05)  # the first batch is running
+        rest = [asyncio.create_task(batcher.submit(key, items)) for key, items in [("greedy", [1, 2]), ("beam", [3]), ("greedy", [4])]]
+        results = await asyncio.gather(first, *rest)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert results == [["greedy:0"], ["greedy:1", "greedy:2"], ["beam:3"], ["greedy:4"]]
+    assert calls == [("greedy", [0]), ("greedy", [1, 2, 4]), ("beam", [3])]  # one forward per decoding
+
+
+def test_int8_option_is_wired(embedded_ckpt):
+    try:
+        import captioner.quantize  # noqa: F401
+    except ImportError:
+        with pytest.raises(NotImplementedError, match="int8 inference is not available"):
+            Captioner.from_pretrained(embedded_ckpt, int8=True)
+        return
+    quantized = Captioner.from_pretrained(embedded_ckpt, int8=True)
+    assert isinstance(quantized.caption(scene()), str)
