@@ -1,0 +1,65 @@
+"""python -m captioner.extract [experiment=...] [overrides]: encode every image of every split once.
+
+The stores are the ones training opens (`data.cache_dir`, named by split and image set), so a later
+`python -m captioner.train` with the same config starts at once. A killed run resumes where it
+stopped; a complete store is left untouched; a store made with other settings is refused.
+With several devices or nodes (`trainer.devices`, `trainer.num_nodes`) Lightning Fabric starts one
+process per device: each encodes a shard of the images and rank 0 merges the shards.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+import captioner.train  # noqa: F401 - registers the run_id resolver used by the Hydra config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def fabric_for(trainer_cfg: DictConfig) -> L.Fabric:
+    devices, nodes = trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1)
+    several = nodes > 1 or devices not in (1, "1", "auto")  # "auto" on CPU is one process
+    return L.Fabric(
+        accelerator=trainer_cfg.get("accelerator", "auto"),
+        devices=devices,
+        num_nodes=nodes,
+        strategy="ddp" if several else "auto",
+    )
+
+
+def run(cfg: DictConfig) -> dict[str, Path]:
+    """Extract the configured splits; returns each split's store directory."""
+    fabric = fabric_for(cfg.trainer)
+    fabric.launch()
+    datamodule = instantiate(cfg.data)
+    if fabric.global_rank == 0:
+        datamodule.prepare_data()  # writes the embedded dataset on first use
+    fabric.barrier()
+    shard = dict(rank=fabric.global_rank, world_size=fabric.world_size, barrier=fabric.barrier, device=fabric.device)
+    table = Table("split", "images", "skipped", title=f"feature stores, {fabric.world_size} process(es)")
+    stores = {}
+    for split in cfg.splits or list(datamodule.splits):
+        records, store = datamodule.load_split(split, **shard)
+        stores[split] = store.directory
+        table.add_row(split, str(len(store)), str(len(store.skipped)))
+    if fabric.global_rank == 0:
+        Console().print(table)
+        print(f"stores in {Path(cfg.data.cache_dir).resolve()}")
+    return stores
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
