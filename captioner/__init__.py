@@ -1,0 +1,1 @@
+"""captioner: CLIP-prefix image captioning on Lightning + Hydra."""

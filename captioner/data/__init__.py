@@ -1,0 +1,1 @@
+"""Datasets, the feature store and the DataModule."""

@@ -1,0 +1,229 @@
+"""The embedded default dataset: rendered scenes of 1-3 shapes with five human-like captions each.
+
+Everything is a pure function of the seed. The dataset is written in the official COCO caption
+format (`images/{split}/*.png` + `annotations/captions_{split}.json`) so the same loader reads it
+as real COCO, and a byte-level BPE tokenizer trained on the training captions is saved beside it
+in GPT-2's `vocab.json` / `merges.txt` format (GPT-2's own tokenizer cannot be downloaded here).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+FORMAT_VERSION = 1  # bump when rendering or captions change: invalidates written datasets
+EOS = "<|endoftext|>"
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 30),
+    "purple": (140, 50, 170),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = ("small", "large")
+
+# Synonyms with weights: the first word is the one most annotators use, so a consensus caption
+# exists (as on COCO) and the leave-one-out human baseline is below a model that finds it.
+SYNONYMS = {
+    "circle": (("circle", 6), ("disc", 2), ("round shape", 1)),
+    "square": (("square", 6), ("box", 2), ("block", 1)),
+    "triangle": (("triangle", 7), ("triangular shape", 2)),
+    "diamond": (("diamond", 6), ("rhombus", 2)),
+    "small": (("small", 6), ("little", 2), ("tiny", 1)),
+    "large": (("large", 5), ("big", 4)),
+}
+POSITIONS = {  # name -> (centre x, centre y) as a fraction of the image side
+    "left": (0.22, 0.5),
+    "right": (0.78, 0.5),
+    "top": (0.5, 0.22),
+    "bottom": (0.5, 0.78),
+    "center": (0.5, 0.5),
+}
+POSITION_PHRASES = {
+    "left": (("on the left", 6), ("on the left side", 3), ("at the left of the picture", 1)),
+    "right": (("on the right", 6), ("on the right side", 3), ("at the right of the picture", 1)),
+    "top": (("at the top", 6), ("near the top", 3), ("at the top of the picture", 1)),
+    "bottom": (("at the bottom", 6), ("near the bottom", 3), ("at the bottom of the picture", 1)),
+    "center": (("in the middle", 6), ("in the center", 3), ("in the middle of the picture", 1)),
+}
+SINGLE_TEMPLATES = (
+    ("a {size} {colour} {shape} {where}", 6),
+    ("there is a {size} {colour} {shape} {where}", 3),
+    ("a {colour} {shape} {where}", 2),
+    ("{where} there is a {size} {colour} {shape}", 1),
+)
+PAIR_TEMPLATES = (  # (template, relation seen from the first object, weight)
+    ("a {a} to the left of a {b}", "left", 6),
+    ("a {b} to the right of a {a}", "left", 2),
+    ("a {a} next to a {b}", "left", 2),
+    ("a {a} above a {b}", "above", 6),
+    ("a {b} below a {a}", "above", 2),
+    ("a {a} on top of a {b}", "above", 1),
+)
+TRIPLE_TEMPLATES = (
+    ("a {a}, a {b} and a {c} in a row", 6),
+    ("three shapes: a {a}, a {b} and a {c}", 3),
+    ("a row of a {a}, a {b} and a {c}", 1),
+)
+
+
+@dataclass(frozen=True)
+class Thing:
+    shape: str
+    colour: str
+    size: str
+    x: float  # centre, fraction of the image side
+    y: float
+
+
+def _pick(rng: random.Random, options: tuple) -> str:
+    words, weights = zip(*[(o[0], o[-1]) for o in options])
+    return rng.choices(words, weights=weights)[0]
+
+
+def sample_scene(rng: random.Random) -> tuple[list[Thing], str]:
+    """A scene and its layout kind: `single:<position>`, `pair:left`, `pair:above` or `triple`."""
+
+    def thing(x: float, y: float, sizes=SIZES) -> Thing:
+        return Thing(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(sizes), x, y)
+
+    jitter = lambda: rng.uniform(-0.04, 0.04)  # noqa: E731 - keeps positions from being pixel-exact
+    n = rng.choices((1, 2, 3), weights=(4, 4, 2))[0]
+    if n == 1:
+        where = rng.choice(list(POSITIONS))
+        x, y = POSITIONS[where]
+        return [thing(x + jitter(), y + jitter())], f"single:{where}"
+    if n == 2:
+        relation = rng.choice(("left", "above"))
+        a, b = (0.27, 0.73)
+        if relation == "left":
+            return [thing(a + jitter(), 0.5 + jitter()), thing(b + jitter(), 0.5 + jitter())], "pair:left"
+        return [thing(0.5 + jitter(), a + jitter()), thing(0.5 + jitter(), b + jitter())], "pair:above"
+    # three in a row are all small so they never touch
+    return [thing(x + jitter(), 0.5 + jitter(), ("small",)) for x in (0.18, 0.5, 0.82)], "triple"
+
+
+def render(things: list[Thing], image_size: int, rng: random.Random) -> Image.Image:
+    shade = rng.randint(225, 250)
+    image = Image.new("RGB", (image_size, image_size), (shade, shade, shade))
+    draw = ImageDraw.Draw(image)
+    for t in things:
+        r = image_size * (0.17 if t.size == "large" else 0.09)
+        cx, cy = t.x * image_size, t.y * image_size
+        colour = COLOURS[t.colour]
+        if t.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+        elif t.shape == "square":
+            draw.rectangle((cx - r * 0.9, cy - r * 0.9, cx + r * 0.9, cy + r * 0.9), fill=colour)
+        elif t.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=colour)
+        else:  # diamond
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
+    return image
+
+
+def describe(thing: Thing, rng: random.Random, with_size: bool = True) -> str:
+    words = [_pick(rng, SYNONYMS[thing.size])] if with_size else []
+    return " ".join(words + [thing.colour, _pick(rng, SYNONYMS[thing.shape])])
+
+
+def caption(things: list[Thing], layout: str, rng: random.Random) -> str:
+    if layout.startswith("single:"):
+        template = _pick(rng, SINGLE_TEMPLATES)
+        where = _pick(rng, POSITION_PHRASES[layout.split(":")[1]])
+        t = things[0]
+        size, shape = _pick(rng, SYNONYMS[t.size]), _pick(rng, SYNONYMS[t.shape])
+        text = template.format(size=size, colour=t.colour, shape=shape, where=where)
+    elif layout.startswith("pair:"):
+        relation = layout.split(":")[1]
+        options = tuple((t, w) for t, rel, w in PAIR_TEMPLATES if rel == relation)
+        text = _pick(rng, options).format(a=describe(things[0], rng), b=describe(things[1], rng))
+    else:
+        parts = [describe(t, rng, with_size=False) for t in things]
+        text = _pick(rng, TRIPLE_TEMPLATES).format(a=parts[0], b=parts[1], c=parts[2])
+    # like COCO annotators: most start with a capital letter, some end with a full stop
+    text = text[0].upper() + text[1:] if rng.random() < 0.7 else text
+    return text + "." if rng.random() < 0.4 else text
+
+
+def build_split(split: str, count: int, seed: int, image_size: int, first_id: int) -> tuple[list, list]:
+    """(images, annotations) records in COCO format; image files are rendered by `write_dataset`."""
+    rng = random.Random(f"{seed}:{split}")
+    images, annotations = [], []
+    for i in range(count):
+        image_id = first_id + i
+        things, layout = sample_scene(rng)
+        images.append(
+            {
+                "id": image_id,
+                "file_name": f"{image_id:08d}.png",
+                "width": image_size,
+                "height": image_size,
+                "scene": [t.__dict__ for t in things],
+                "layout": layout,
+            }
+        )
+        for k in range(5):
+            annotations.append({"id": image_id * 10 + k, "image_id": image_id, "caption": caption(things, layout, rng)})
+    return images, annotations
+
+
+def train_tokenizer(captions: list[str], out_dir: Path, vocab_size: int) -> None:
+    """A byte-level BPE in GPT-2's format, with GPT-2's end-of-text token as its only special token."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tokenizer = ByteLevelBPETokenizer()
+    tokenizer.train_from_iterator(captions, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
+    tokenizer.save_model(str(out_dir))  # vocab.json + merges.txt
+
+
+def write_dataset(
+    root: str | Path,
+    seed: int = 0,
+    sizes: dict[str, int] | None = None,
+    image_size: int = 64,
+    vocab_size: int = 512,
+) -> Path:
+    """Write the dataset under `root` unless an identical one is already there; returns `root`."""
+    root = Path(root)
+    sizes = dict(sizes or {"train": 4000, "val": 200, "test": 200})
+    spec = {"format_version": FORMAT_VERSION, "seed": seed, "sizes": sizes, "image_size": image_size, "vocab_size": vocab_size}
+    manifest = root / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()) == spec:
+        return root
+    if manifest.exists():
+        manifest.unlink()  # rewrite below; the manifest goes last, so a partial write is never trusted
+
+    first_id, train_captions = 1, []
+    for split, count in sizes.items():
+        images, annotations = build_split(split, count, seed, image_size, first_id)
+        first_id += count
+        image_dir = root / "images" / split
+        image_dir.mkdir(parents=True, exist_ok=True)
+        rng = random.Random(f"{seed}:{split}:render")
+        for record in tqdm(images, desc=f"render {split}", leave=False, mininterval=1):
+            things = [Thing(**t) for t in record["scene"]]
+            render(things, image_size, rng).save(image_dir / record["file_name"])
+        coco = {
+            "info": {"description": f"captioner synthetic shapes, seed {seed}", "version": str(FORMAT_VERSION)},
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+        }
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps(coco))
+        if split == "train":
+            train_captions = [a["caption"] for a in annotations]
+
+    tokenizer_dir = root / "tokenizer"
+    tokenizer_dir.mkdir(exist_ok=True)
+    train_tokenizer(train_captions, tokenizer_dir, vocab_size)
+    manifest.write_text(json.dumps(spec, indent=2))
+    return root
