@@ -62,9 +62,11 @@ def gpt2_config(state: Mapping[str, torch.Tensor], num_heads: int | None = None)
 def mapper_config(state: Mapping[str, torch.Tensor], kind: str, embed_dim: int, num_heads: int) -> tuple[dict, int, int]:
     """(mapper arguments, prefix length, CLIP input width), read from the `clip_project.*` tensors."""
     if kind == "mlp":
-        if "clip_project.model.2.weight" not in state:
+        linears = sum(1 for k in state if re.fullmatch(r"clip_project\.model\.\d+\.weight", k))  # Tanh between: 0, 2, ...
+        if not linears:
             raise ClipCapImportError("no clip_project.model.{0,2}.* keys: is this a transformer-mapper checkpoint? (--mapper transformer)")
-        return {"name": "mlp"}, state["clip_project.model.2.weight"].shape[0] // embed_dim, state["clip_project.model.0.weight"].shape[1]
+        last = state[f"clip_project.model.{2 * (linears - 1)}.weight"]  # (P*D, P*D/2)
+        return {"name": "mlp", "num_layers": linears}, last.shape[0] // embed_dim, state["clip_project.model.0.weight"].shape[1]
     if "clip_project.prefix_const" not in state:
         raise ClipCapImportError("no clip_project.prefix_const: is this an MLP-mapper checkpoint? (--mapper mlp)")
     num_layers = sum(1 for k in state if re.fullmatch(r"clip_project\.transformer\.layers\.\d+\.norm1\.weight", k))

@@ -14,15 +14,27 @@ from torch import nn
 
 
 class MLPMapper(nn.Module):
-    """ClipCap's MLP: Linear(E, P*D/2) -> Tanh -> Linear(P*D/2, P*D), reshaped to (P, D)."""
+    """ClipCap's MLP: Linear(E, P*D/2) -> Tanh -> Linear(P*D/2, P*D), reshaped to (P, D).
+
+    `num_layers` sets the depth: 2 is ClipCap's (its `model.0` / `model.2` keys); each further layer
+    adds a Tanh and a Linear(P*D/2, P*D/2) in the middle; 1 is a single Linear(E, P*D).
+    """
 
     input_key = "clip_features"
 
-    def __init__(self, in_dim: int, embed_dim: int, prefix_length: int):
+    def __init__(self, in_dim: int, embed_dim: int, prefix_length: int, num_layers: int = 2):
         super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"the MLP mapper needs num_layers >= 1, got {num_layers} (model.mapper.num_layers)")
         self.prefix_length, self.embed_dim = prefix_length, embed_dim
         hidden = embed_dim * prefix_length // 2
-        self.model = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, embed_dim * prefix_length))
+        sizes = [in_dim] + [hidden] * (num_layers - 1) + [embed_dim * prefix_length]
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+            if i < num_layers - 1:
+                layers.append(nn.Tanh())
+        self.model = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.model(features).view(-1, self.prefix_length, self.embed_dim)  # (B, P, D)
