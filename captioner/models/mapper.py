@@ -8,6 +8,8 @@ patch-token mapper that lets a prefix slot look at one region of the image.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -177,6 +179,18 @@ class AttentionMapper(nn.Module):
             q, weights = layer(q, memory, need_weights=return_attention and i == len(self.layers) - 1)
         prefix = self.norm(q)
         return (prefix, weights) if return_attention else prefix
+
+
+def attention_grid(weights: torch.Tensor) -> torch.Tensor:
+    """(B, P, N) attention over patch tokens -> (B, P, g, g) maps laid out like the image.
+
+    Both encoders flatten their grid row by row (`flatten(2)` of (B, C, g, g)), so token n is cell
+    (n // g, n % g): upsample a map to the image size and it lies over the patches it weighs."""
+    b, p, n = weights.shape
+    g = math.isqrt(n)
+    if g * g != n:
+        raise ValueError(f"{n} patch tokens do not form a square grid")
+    return weights.reshape(b, p, g, g)  # (B, P, g, g)
 
 
 MAPPERS = {"mlp": MLPMapper, "transformer": TransformerMapper, "attention": AttentionMapper}

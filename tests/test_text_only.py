@@ -1,0 +1,84 @@
+"""Text-only training (CapDec): the mapper learns from caption embeddings and is scored on images."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from captioner.data.text import TextCaptionDataModule
+from captioner.models.encoder import ClipEncoder
+from captioner.train import run
+from conftest import compose_train
+
+SMALL = ["experiment=[smoke,text_only]"]  # smoke's sizes, text_only's data and noise
+
+
+@pytest.fixture(scope="module")
+def text_root(tmp_path_factory):
+    """Its own embedded dataset, so the feature cache shows exactly what a text-only run makes."""
+    return tmp_path_factory.mktemp("text_only")
+
+
+def test_text_only_run_trains_on_captions_and_scores_test_images(text_root, tmp_path):
+    cfg = compose_train(tmp_path / "run", text_root, SMALL)
+    assert cfg.data._target_ == "captioner.data.text.TextCaptionDataModule" and cfg.model.mapper.name == "mlp"
+    metrics = run(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    scores = json.loads((tmp_path / "run" / "scores.json").read_text())
+    assert scores["model"]["CIDEr"] >= 0 and "Bleu_4" in scores["model"]
+    captions = json.loads((tmp_path / "run" / "captions_test.json").read_text())
+    test_ids = {im["id"] for im in json.loads(next((text_root / "synthetic_smoke" / "annotations").glob("captions_test.json")).read_text())["images"]}
+    assert {c["image_id"] for c in captions} == test_ids  # one caption per test *image*
+    stores = sorted(p.name.rsplit("-", 1)[0] for p in (text_root / "synthetic_smoke" / "features").iterdir())
+    assert stores == ["test", "train-text", "val"]  # no training image was encoded
+    text_store = next((text_root / "synthetic_smoke" / "features").glob("train-text-*"))
+    assert json.loads((text_store / "manifest.json").read_text())["count"] == 64 * 5
+
+
+def test_training_items_are_the_captions_own_clip_text_embeddings(text_root, tmp_path):
+    cfg = compose_train(tmp_path / "run", text_root, SMALL)
+    datamodule: TextCaptionDataModule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    encoder = ClipEncoder(cfg.data.encoder)
+    train = datamodule.datasets["train"]
+    for i in (0, 1, 7, len(train) - 1):
+        r, k = train.pairs[i]
+        caption = train.records[r].captions[k]
+        item = train[i]
+        assert datamodule.tokenizer.decode(item["input_ids"][:-1]) == caption
+        expected = encoder.encode_text([caption])[0]
+        assert torch.allclose(item["clip_features"], expected, atol=2e-3 * expected.abs().max().item())
+    assert not torch.allclose(train[0]["clip_features"], train[1]["clip_features"])  # five captions, five embeddings
+    val = datamodule.datasets["val"][0]
+    image = datamodule.datasets["val"].store.features(val["image_id"])["clip_features"]
+    assert torch.equal(val["clip_features"], image)  # validation reads the image
+
+
+def test_the_store_is_made_once_and_reused(text_root, tmp_path, monkeypatch):
+    cfg = compose_train(tmp_path / "run", text_root, SMALL)
+    first = instantiate(cfg.data)
+    first.prepare_data()
+    first.setup("fit")
+    monkeypatch.setattr(ClipEncoder, "encode_text", lambda *a, **k: pytest.fail("captions were encoded again"))
+    again = instantiate(cfg.data)
+    again.setup("fit")
+    assert torch.equal(again.datasets["train"][3]["clip_features"], first.datasets["train"][3]["clip_features"])
+
+
+def test_patch_token_mappers_are_refused_with_the_fix(text_root, tmp_path):
+    cfg = compose_train(tmp_path / "run", text_root, [*SMALL, "model/mapper=attention"])
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.trainer = SimpleNamespace(lightning_module=instantiate(cfg.model), world_size=1)
+    with pytest.raises(ValueError, match="model/mapper=mlp or model/mapper=transformer"):
+        datamodule.setup("fit")
+
+
+def test_the_transformer_mapper_trains_text_only_too(text_root, tmp_path):
+    metrics = run(compose_train(tmp_path / "run", text_root, [*SMALL, "model/mapper=transformer", "score=false"]))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
