@@ -47,7 +47,7 @@ class CaptionModule(L.LightningModule):
                 "val_decoding": val_decoding, "val_cider_images": val_cider_images, "seed": seed,
             }
         )
-        self.encoder = ClipEncoder(encoder, precision=encoder_precision, seed=seed)
+        self.encoder = ClipEncoder(encoder, precision=encoder_precision)  # random weights: the spec's seed, as in the store
         self.tokenizer = load_tokenizer(tokenizer)
         self.decoder = load_gpt2(decoder, self.tokenizer, seed=seed)
         mapper = dict(mapper or {"name": "attention"})

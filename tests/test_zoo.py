@@ -125,3 +125,16 @@ def test_full_size_gpt2_forward(name, tokenizer):
         logits = model(input_ids=torch.randint(0, 50257, (1, 8))).logits
     assert count(model) == GPT2_MODELS[name][0]
     assert logits.shape == (1, 8, 50257) and torch.isfinite(logits).all()
+
+
+def test_random_clip_is_a_function_of_its_spec_not_of_the_run_seed(smoke_cfg):
+    from hydra.utils import instantiate
+
+    cfg = smoke_cfg("seed=5")
+    instantiate(cfg.data).prepare_data()
+    module = instantiate(cfg.model)
+    store_encoder = ClipEncoder(cfg.data.encoder, cfg.data.precision)  # what the feature store extracts with
+    pixels = torch.randn(2, 3, store_encoder.resolution, store_encoder.resolution)
+    assert torch.equal(module.encoder(pixels)["clip_features"], store_encoder(pixels)["clip_features"])
+    other = ClipEncoder({**SMALL_VIT, "seed": 3})
+    assert not torch.equal(other.visual.proj, ClipEncoder(SMALL_VIT).visual.proj)

@@ -23,12 +23,16 @@ from captioner.models.zoo import CLIP_ARCHS, resolve
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def load_clip(spec: str | Mapping, seed: int = 0) -> CLIP:
+def load_clip(spec: str | Mapping, seed: int | None = None) -> CLIP:
     """A string loads pretrained weights (a `clip` name such as `ViT-B/32`, or a local `.pt` file);
-    a mapping of `clip.model.CLIP` arguments builds that architecture with seeded random weights."""
+    a mapping of `clip.model.CLIP` arguments builds that architecture with seeded random weights.
+
+    The seed of random weights belongs to the spec (its `seed` key, else 0), not to the training run:
+    the feature store's encoder and the module's must be one network, and the store records the spec."""
     if isinstance(spec, Mapping):
-        torch.manual_seed(seed)
         args = resolve(spec, CLIP_ARCHS, "model.encoder")
+        spec_seed = args.pop("seed", 0)
+        torch.manual_seed(spec_seed if seed is None else seed)
         if isinstance(args["vision_layers"], (list, tuple)):  # ResNets take a tuple of stage depths
             args["vision_layers"] = tuple(args["vision_layers"])
         return CLIP(**args).float()
@@ -97,7 +101,7 @@ class ClipEncoder(nn.Module):
     before attention pooling (N = (resolution/32)^2, W = its channels).
     """
 
-    def __init__(self, spec: str | Mapping, precision: str = "fp32", seed: int = 0):
+    def __init__(self, spec: str | Mapping, precision: str = "fp32", seed: int | None = None):
         super().__init__()
         if precision not in DTYPES:
             raise ValueError(f"encoder precision {precision!r}: choose one of {sorted(DTYPES)} (model.encoder_precision)")
