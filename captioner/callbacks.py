@@ -1,10 +1,55 @@
-"""Training callbacks: pictures of the run."""
+"""Training callbacks: pictures of the run, and the random state a resumed run needs."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import lightning as L
+import numpy as np
+import torch
+
+from captioner.data.sampler import ResumableLoader
+
+
+class ResumeState(L.Callback):
+    """What a resumed run needs beyond Lightning's own restore, so it repeats the uninterrupted run exactly:
+
+    - the global torch/numpy/Python random state (training noise continues the same stream), saved as
+      plain tensors and ints so the checkpoint still loads with `weights_only=True`;
+    - the training loader's position (data/sampler.py). Lightning builds the train loader before it
+      restores loop state when `configure_optimizers` asks for `estimated_stepping_batches`, so the
+      saved position would be dropped and the epoch restarted from its first batch; here it is applied
+      once training starts, and the iterator (with its prefetched batch) is made again from there."""
+
+    def on_train_start(self, trainer, module) -> None:
+        loader, fit_loop = trainer.train_dataloader, trainer.fit_loop
+        if not isinstance(loader, ResumableLoader) or not trainer.ckpt_path:
+            return
+        pending = fit_loop._combined_loader_states_to_load
+        if pending:
+            loader.load_state_dict(pending[0])
+            fit_loop._combined_loader_states_to_load = []
+        iter(fit_loop._data_fetcher)
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        version, state, python_gauss = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(state), python_gauss],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, python_state, python_gauss = state["python"]
+        random.setstate((version, tuple(python_state), python_gauss))
 
 
 class LossCurve(L.Callback):

@@ -13,6 +13,7 @@ import pickle
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -39,6 +40,44 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             "arbitrary code. Checkpoints written by captioner hold only tensors and plain values; load this file "
             "only if you trust its source, and re-save it (or export it with `python -m captioner.export`)."
         ) from error
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint files written whole or not at all, and read with `weights_only=True`.
+
+    A save goes to a hidden temp file in the same directory (same file system, so the rename is
+    atomic), is flushed to disk, then `os.replace`s the target: a SIGKILL or a full disk mid-save
+    leaves the previous checkpoint in place, never a truncated one. Trainer: `plugins: [...]`."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(temp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return read_checkpoint(path, map_location)  # never weights_only=False, whatever the caller asks
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> str | None:
+    """`ckpt_path=auto` resumes this run directory's `checkpoints/last.ckpt` when it exists and starts
+    fresh otherwise, so the same command can be re-run (or re-queued) after a crash; any other value
+    is a path passed to `Trainer.fit` as is."""
+    if ckpt_path != "auto":
+        if ckpt_path and ckpt_path not in ("last", "hpc") and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (use ckpt_path=auto to resume if present)")
+        return ckpt_path
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    return str(last) if last.is_file() else None
 
 
 def _module_from_hparams(hparams: dict, overrides: dict):

@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from captioner.checkpoint import resolve_ckpt_path
 from captioner.evaluate import caption_split, print_scores, score_split, write_results
 from captioner.generate import decoding_from
 
@@ -45,7 +46,7 @@ def run(cfg: DictConfig) -> dict:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.score and trainer.is_global_zero and not trainer.fast_dev_run:

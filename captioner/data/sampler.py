@@ -1,0 +1,64 @@
+"""A training loader that resumes mid-epoch: same shuffle, same position, as if never interrupted.
+
+Lightning saves a loader's `state_dict()` in each checkpoint and hands it back to `load_state_dict()`
+on resume, before the first batch is drawn. The order of an epoch is a pure function of
+(seed, epoch), so the state is two numbers: the epoch and how many batches of it the model consumed.
+Consumed, not drawn: Lightning prefetches a batch ahead, so the count is advanced when a batch
+reaches the model (`CaptionDataModule.on_after_batch_transfer`), not when the loader yields it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+
+
+class ResumableSampler(Sampler[int]):
+    """Shuffled indices, reseeded per epoch, sharded by rank under DDP, able to start mid-epoch."""
+
+    def __init__(self, size: int, seed: int, batch_size: int):
+        self.size, self.seed, self.batch_size = size, seed, batch_size
+        self.epoch = 0
+        self.consumed = 0  # batches of this epoch the model has received
+        self._start = 0  # batches to skip at the next iteration (set by a resume)
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world = dist.get_world_size() if distributed else 1
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at each epoch start
+        if epoch != self.epoch:
+            self.epoch, self._start = epoch, 0
+
+    def __len__(self) -> int:
+        return self.size // self.world  # the whole epoch, even when resuming: Lightning counts from 0
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        mine = self.arrange(order[self.rank : len(self) * self.world : self.world])  # every rank the same count
+        start, self._start = self._start, 0
+        self.consumed = start
+        yield from mine[start * self.batch_size :].tolist()
+
+    def arrange(self, order: torch.Tensor) -> torch.Tensor:
+        """This rank's order for the epoch; a subclass may regroup it (datamodule.LengthBucketSampler)."""
+        return order
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a `ResumableSampler` that Lightning recognises as stateful."""
+
+    def __init__(self, *args, **kwargs):
+        # each iter() draws a worker base seed: from a private generator, so that re-creating the
+        # iterator on resume leaves the global random stream (training noise) where it was
+        super().__init__(*args, generator=torch.Generator().manual_seed(0), **kwargs)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "consumed": self.sampler.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        batches = -(-len(self.sampler) // self.batch_size)  # ceil: the last batch may be short
+        epoch, consumed = state["epoch"], state["consumed"]
+        if consumed >= batches:  # saved after the epoch's last batch: the next epoch starts clean
+            epoch, consumed = epoch + 1, 0
+        self.sampler.epoch, self.sampler._start = epoch, consumed
