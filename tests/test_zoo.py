@@ -138,3 +138,17 @@ def test_random_clip_is_a_function_of_its_spec_not_of_the_run_seed(smoke_cfg):
     assert torch.equal(module.encoder(pixels)["clip_features"], store_encoder(pixels)["clip_features"])
     other = ClipEncoder({**SMALL_VIT, "seed": 3})
     assert not torch.equal(other.visual.proj, ClipEncoder(SMALL_VIT).visual.proj)
+
+
+def test_local_files_load_clip_and_gpt2(tmp_path, tokenizer):
+    spec = {**SMALL_VIT, "transformer_width": 64, "transformer_heads": 1}  # clip.build_model infers 64-wide heads
+    torch.save(load_clip(spec).state_dict(), tmp_path / "clip.pt")
+    from_file, built = ClipEncoder(str(tmp_path / "clip.pt")), ClipEncoder(spec)
+    pixels = torch.randn(1, 3, 32, 32)
+    # clip.load stores weights in fp16: the file's model is the built one to fp16 precision
+    assert torch.allclose(from_file(pixels)["clip_features"], built(pixels)["clip_features"], atol=2e-2)
+    assert (from_file.embed_dim, from_file.num_tokens) == (48, 16)
+    model = load_gpt2({"n_layer": 1, "n_embd": 32, "n_head": 2}, tokenizer)
+    model.save_pretrained(tmp_path / "gpt2")
+    again = load_gpt2(str(tmp_path / "gpt2"), tokenizer)
+    assert torch.equal(again.transformer.wte.weight, model.transformer.wte.weight)

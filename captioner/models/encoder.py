@@ -14,7 +14,7 @@ from pathlib import Path
 
 import clip
 import torch
-from clip.model import CLIP, ModifiedResNet
+from clip.model import CLIP, ModifiedResNet, build_model
 from torch import nn
 
 from captioner.models.hub import missing, reachable
@@ -38,7 +38,11 @@ def load_clip(spec: str | Mapping, seed: int | None = None) -> CLIP:
         return CLIP(**args).float()
     path = Path(spec).expanduser()
     if path.is_file():
-        return clip.load(str(path), device="cpu", jit=False)[0].float()
+        try:  # OpenAI's releases are TorchScript archives
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except RuntimeError:  # a plain state dict (clip.load fails on these: it reads on from the failed attempt)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        return build_model(dict(state)).float()  # every size read from the tensors
     if spec not in clip.available_models():
         raise ValueError(
             f"CLIP model {spec!r} is neither a file nor one of {clip.available_models()} (model.encoder)"
