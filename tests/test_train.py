@@ -7,8 +7,9 @@ import time
 
 import pytest
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 
+from captioner.data.datamodule import CaptionDataModule
 from captioner.models.hub import MissingWeightsError
 from captioner.train import run
 from conftest import CONF, compose_train
@@ -20,7 +21,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 def test_every_experiment_config_composes(experiment, tmp_path):
     cfg = compose_train(tmp_path / "run", tmp_path / "data", [f"experiment={experiment}"])
     assert cfg.model._target_ == "captioner.module.CaptionModule"
-    assert cfg.data._target_ == "captioner.data.datamodule.CaptionDataModule"
+    assert issubclass(get_class(cfg.data._target_), CaptionDataModule)  # text_only: its caption-embedding subclass
     assert cfg.trainer.max_epochs >= 1
 
 
