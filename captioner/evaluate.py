@@ -146,33 +146,34 @@ def score_results_file(results: str | Path, references: str | Path, meteor: bool
     return (captions, *evaluate_captions(refs, captions, meteor, spice))
 
 
-def _load_module(path: str):
+def load_module(path: str | Path):
+    """A trained `CaptionModule` in eval mode: captioner/checkpoint.py's safe loader when present."""
     try:
-        from captioner.checkpoint import load_module
+        from captioner.checkpoint import load_module as safe_load
     except ImportError:
         from captioner.module import CaptionModule
 
         return CaptionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
-    return load_module(path)
+    return safe_load(path)
 
 
-def _datamodule(cfg: DictConfig):
+def datamodule_for(ckpt_path: str | Path, split: str, overrides: Mapping | None = None):
     """The checkpoint's data settings (Lightning stores the DataModule's hyperparameters) with
-    `data.*` overrides on top, reduced to the one split evaluated."""
+    `overrides` on top, reduced to the one split evaluated, set up."""
     from captioner.checkpoint import read_checkpoint
     from captioner.data.datamodule import CaptionDataModule
 
     saved = {}
-    if Path(cfg.ckpt_path).is_file():
-        saved = dict(read_checkpoint(cfg.ckpt_path).get("datamodule_hyper_parameters") or {})
-    settings = OmegaConf.to_container(OmegaConf.merge(saved, cfg.data or {}), resolve=True)
+    if Path(ckpt_path).is_file():
+        saved = dict(read_checkpoint(ckpt_path).get("datamodule_hyper_parameters") or {})
+    settings = OmegaConf.to_container(OmegaConf.merge(saved, overrides or {}), resolve=True)
     splits = settings.get("splits") or {}
-    if cfg.split not in splits:
+    if split not in splits:
         raise ValueError(
-            f"no data for split {cfg.split!r}: set data.splits.{cfg.split}.annotations=... and "
-            f"data.splits.{cfg.split}.images=... (a COCO captions file and its image folder)"
+            f"no data for split {split!r}: set data.splits.{split}.annotations=... and "
+            f"data.splits.{split}.images=... (a COCO captions file and its image folder)"
         )
-    settings["splits"] = {cfg.split: splits[cfg.split]}
+    settings["splits"] = {split: splits[split]}
     datamodule = CaptionDataModule(**settings)
     datamodule.prepare_data()
     datamodule.setup("test")
@@ -188,12 +189,12 @@ def run(cfg: DictConfig) -> dict:
         title = f"{cfg.results}: {len(captions)} images"
         split = None
     elif cfg.ckpt_path:
-        module = _load_module(cfg.ckpt_path)
+        module = load_module(cfg.ckpt_path)
         if cfg.int8:
             from captioner.quantize import quantize_module
 
             module = quantize_module(module)
-        datamodule = _datamodule(cfg)
+        datamodule = datamodule_for(cfg.ckpt_path, cfg.split, cfg.data)
         split = cfg.split
         captions = caption_split(module, datamodule, split, decoding_from(cfg.decoding))
         scores, per_image = evaluate_captions(datamodule.references(split), captions, cfg.meteor, cfg.spice)
