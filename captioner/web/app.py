@@ -75,7 +75,7 @@ class InMemoryParser(MultiPartParser):
     spool_max_size = 2**40  # the body limit caps every file: they never roll over to a temporary file
 
 
-def create_app(captioner: Captioner, limits: Limits = Limits(), max_batch: int = 16, max_wait_ms: float = 10.0) -> FastAPI:
+def create_app(captioner: Captioner, limits: Limits = Limits(), max_batch: int = 16, max_wait_ms: float = 25.0) -> FastAPI:
     def run(key, pixels: list[torch.Tensor]):
         decoding, attention = key
         return captioner.caption_pixels(torch.stack(pixels), decoding, attention)  # (B, 3, R, R): one forward
@@ -149,14 +149,17 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), max_batch: int =
         start = time.perf_counter()
         batcher.arrive()
         try:
-            files = await read_images(request, limits)
-            decoded = await asyncio.to_thread(decode_all, files, captioner, limits)
-        except UploadError as e:
-            return JSONResponse({"detail": e.message}, status_code=e.status)
+            try:
+                files = await read_images(request, limits)
+                decoded = await asyncio.to_thread(decode_all, files, captioner, limits)
+            except UploadError as e:
+                return JSONResponse({"detail": e.message}, status_code=e.status)
+            finally:
+                batcher.decoded()
+            decoding = Decoding(strategy=strategy, num_beams=num_beams, max_new_tokens=max_new_tokens)
+            results = await batcher.submit((decoding, attention), [pixels for _, _, pixels in decoded])
         finally:
-            batcher.depart()
-        decoding = Decoding(strategy=strategy, num_beams=num_beams, max_new_tokens=max_new_tokens)
-        results = await batcher.submit((decoding, attention), [pixels for _, _, pixels in decoded])
+            batcher.answered()
         latency = round((time.perf_counter() - start) * 1000, 1)
         return {
             "results": [

@@ -1,0 +1,216 @@
+"""Load test of `python -m captioner.serve`: N requests at concurrency C -> latency percentiles.
+
+    .venv/bin/python bench/serve_load.py                      # full-size ViT-B/32 + GPT-2 124M, random weights, CPU
+    .venv/bin/python bench/serve_load.py --requests 40 --tiny # a quick check with the embedded-size model
+
+Builds the model (random weights: no hub here), saves it as a Lightning checkpoint in a temporary
+folder, starts the server on a free port in a subprocess, and for each concurrency runs N
+requests (real COCO photos when ../shared/data/coco_mini exists). C = 1 is the baseline; the
+target is p95 at C = 8 within 2x of it, with no errors. Micro-batching is what makes that
+possible: 8 waiting requests share one forward pass instead of queueing behind each other.
+`--unbatched` adds a C = 8 run with micro-batching off (max_batch=1) to show the difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+VIT_B_32 = dict(  # clip.model.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12)
+    embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+    context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12,
+)
+TINY_VIT = dict(
+    embed_dim=128, image_resolution=64, vision_layers=2, vision_width=128, vision_patch_size=8,
+    context_length=32, vocab_size=49408, transformer_width=64, transformer_heads=2, transformer_layers=1,
+)
+
+
+def build_checkpoint(folder: Path, tiny: bool) -> Path:
+    """A Lightning-format checkpoint of a randomly initialised model (GPT2Config() = GPT-2 124M)."""
+    import lightning as L
+    import torch
+
+    from captioner.module import CaptionModule
+
+    tokenizer = SHARED / "gpt2_tokenizer"
+    if not (tokenizer / "vocab.json").is_file():
+        sys.exit(f"error: GPT-2's tokenizer is expected in {tokenizer} (vocab.json + merges.txt)")
+    decoder = dict(n_layer=2, n_embd=128, n_head=4) if tiny else {}
+    module = CaptionModule(encoder=TINY_VIT if tiny else VIT_B_32, decoder=decoder, tokenizer=str(tokenizer), prefix_length=10)
+    path = folder / "model.ckpt"
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "pytorch-lightning_version": L.__version__}
+    torch.save(checkpoint, path)
+    return path
+
+
+def photos(count: int) -> list[bytes]:
+    """JPEG bytes to upload: COCO photos when present, else generated pictures."""
+    found = sorted((SHARED / "coco_mini" / "images" / "val2017").glob("*.jpg"))[:count]
+    if found:
+        return [p.read_bytes() for p in found]
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(buffer, "JPEG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m captioner.serve` in a subprocess, up once /healthz answers."""
+
+    def __init__(self, ckpt: Path, max_batch: int, threads: int | None):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        args = [f"ckpt={ckpt}", f"port={self.url.rsplit(':', 1)[1]}", f"max_batch={max_batch}", "log_level=warning"]
+        if threads:
+            args.append(f"threads={threads}")
+        self.process = subprocess.Popen([sys.executable, "-m", "captioner.serve", *args], cwd=ROOT)
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("error: the server did not start (see its output above)")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+async def load(url: str, images: list[bytes], requests: int, concurrency: int, max_new_tokens: int) -> dict:
+    """`requests` posts from `concurrency` clients that each send the next one when answered."""
+    latencies: list[float] = []
+    errors = 0
+    next_request = 0
+    params = {"max_new_tokens": max_new_tokens}
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal errors, next_request
+        while next_request < requests:
+            i = next_request
+            next_request += 1
+            files = {"images": (f"{i}.jpg", images[i % len(images)], "image/jpeg")}
+            start = time.perf_counter()
+            try:
+                response = await http.post(f"{url}/v1/captions", files=files, params=params)
+                ok = response.status_code == 200 and response.json()["results"][0]["caption"] is not None
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - start)
+            else:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        health = (await http.get(f"{url}/healthz")).json()
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+        after = (await http.get(f"{url}/healthz")).json()
+    ms = np.array(latencies) * 1000
+    batches = after["batches"] - health["batches"]
+    return {
+        "requests": requests, "errors": errors, "wall": wall,
+        "p50": np.percentile(ms, 50), "p95": np.percentile(ms, 95), "p99": np.percentile(ms, 99),
+        "throughput": len(latencies) / wall, "batch": (after["images"] - health["images"]) / max(batches, 1),
+    }
+
+
+def warm_up(url: str, images: list[bytes], concurrency: int, max_new_tokens: int) -> None:
+    asyncio.run(load(url, images, 2 * concurrency, concurrency, max_new_tokens))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--max-new-tokens", type=int, default=20, help="a random GPT-2 never ends a caption: cap it")
+    parser.add_argument("--max-batch", type=int, default=8, help="the server's micro-batch size")
+    parser.add_argument("--threads", type=int, default=None, help="server torch threads (default: all cores)")
+    parser.add_argument("--ckpt", type=Path, help="serve this checkpoint instead of building a random full-size one")
+    parser.add_argument("--tiny", action="store_true", help="the embedded-size model: a quick check of the harness")
+    parser.add_argument("--unbatched", action="store_true", help="also run the highest concurrency with max_batch=1")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    console = Console(width=140)  # the table's ten columns stay readable in logs
+    images = photos(16)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="serve_load_") as folder:
+        ckpt = args.ckpt
+        if ckpt is None:
+            with console.status("building the random-weight model"):
+                ckpt = build_checkpoint(Path(folder), args.tiny)
+        runs = [(c, args.max_batch) for c in args.concurrency]
+        if args.unbatched:
+            runs.append((max(args.concurrency), 1))
+        servers: dict[int, Server] = {}
+        try:
+            for concurrency, max_batch in runs:
+                if max_batch not in servers:
+                    with console.status(f"starting the server (max_batch={max_batch})"):
+                        servers[max_batch] = Server(ckpt, max_batch, args.threads)
+                url = servers[max_batch].url
+                warm_up(url, images, concurrency, args.max_new_tokens)
+                with console.status(f"{args.requests} requests at concurrency {concurrency}, max_batch {max_batch}"):
+                    result = asyncio.run(load(url, images, args.requests, concurrency, args.max_new_tokens))
+                rows.append((concurrency, max_batch, result))
+                console.print(f"C={concurrency} max_batch={max_batch}: p95 {result['p95']:.0f} ms, {result['errors']} errors")
+        finally:
+            for server in servers.values():
+                server.stop()
+    report(console, rows, args)
+
+
+def report(console: Console, rows: list, args) -> None:
+    model = "embedded-size (tiny)" if args.tiny else ("checkpoint " + str(args.ckpt) if args.ckpt else "ViT-B/32 + GPT-2 124M, random weights")
+    table = Table(title=f"serve load: {model}, CPU, {args.max_new_tokens} new tokens, greedy")
+    for column in ("clients", "max batch", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "req/s", "mean batch", "p95 / C=1 p95"):
+        table.add_column(column, justify="right")
+    base = next((r for c, b, r in rows if c == 1 and b == args.max_batch), None)
+    for concurrency, max_batch, r in rows:
+        ratio = f"{r['p95'] / base['p95']:.2f}x" if base else "-"
+        table.add_row(
+            str(concurrency), str(max_batch), str(r["requests"]), str(r["errors"]), f"{r['p50']:.0f}", f"{r['p95']:.0f}",
+            f"{r['p99']:.0f}", f"{r['throughput']:.2f}", f"{r['batch']:.1f}", ratio,
+        )
+    console.print(table)
+    top = next((r for c, b, r in rows if c == max(args.concurrency) and b == args.max_batch), None)
+    if base and top and top is not base:
+        ratio = top["p95"] / base["p95"]
+        errors = sum(r["errors"] for _, _, r in rows)
+        verdict = "PASS" if ratio <= 2 and errors == 0 else "FAIL"
+        console.print(f"target: p95 at C={max(args.concurrency)} <= 2x p95 at C=1 with 0 errors -> {ratio:.2f}x, {errors} errors: {verdict}")
+
+
+if __name__ == "__main__":
+    main()
