@@ -19,7 +19,7 @@ from PIL import Image
 
 from captioner.data.coco import load_image, upright_rgb
 from captioner.generate import Decoding, decoding_from, generate
-from captioner.models.mapper import AttentionMapper
+from captioner.models.mapper import AttentionMapper, attention_grid
 
 ImageLike = str | Path | Image.Image | torch.Tensor
 
@@ -107,8 +107,7 @@ class Captioner:
         maps = None
         if attention and self.has_attention:
             prefix, weights = module.mapper(features, return_attention=True)  # weights (B, P, N)
-            g = int(weights.shape[-1] ** 0.5)
-            maps = weights.float().reshape(*weights.shape[:2], g, g).cpu()  # (B, P, g, g)
+            maps = attention_grid(weights.float()).cpu()  # (B, P, g, g)
         else:
             prefix = module.mapper(features)  # (B, P, D)
         texts = generate(module.decoder, module.tokenizer, prefix, decoding or Decoding())
