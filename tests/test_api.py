@@ -74,6 +74,8 @@ def test_bad_inputs_name_the_problem(captioner, tmp_path):
         captioner.caption(torch.zeros(5, 8, 8))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         captioner.caption(torch.full((3, 8, 8), 3.0))
+    with pytest.raises(ValueError, match="too elongated"):
+        captioner.caption(Image.new("RGB", (5000, 10)))
     with pytest.raises(TypeError, match="path, a PIL image"):
         captioner.caption([42])
     with pytest.raises(FileNotFoundError, match="checkpoint"):

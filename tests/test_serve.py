@@ -84,6 +84,7 @@ BAD_UPLOADS = {  # name -> (request arguments, expected status, words the error 
     "text named .jpg": (dict(files={"images": ("photo.jpg", b"hello, I am text", "image/jpeg")}), 415, "not an image"),
     "truncated JPEG": (dict(files={"images": ("cut.jpg", JPEG[: len(JPEG) // 2], "image/jpeg")}), 400, "truncated"),
     "20000x20000 PNG": (dict(files={"images": ("bomb.png", png_bomb(20000), "image/png")}), 413, "pixels"),
+    "50000x1 PNG": (dict(files={"images": ("line.png", encode(Image.new("L", (50000, 1)), "PNG"), "image/png")}), 400, "elongated"),
     "50 MB body": (dict(files={"images": ("big.jpg", JPEG + b"\0" * (50 * 2**20), "image/jpeg")}), 413, "larger than"),
     "wrong form field": (dict(files={"file": ("a.jpg", JPEG, "image/jpeg")}), 422, "'images'"),
     "text in the image field": (dict(data={"images": "a.jpg"}, files={"other": ("a.jpg", JPEG)}), 422, "files"),

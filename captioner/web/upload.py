@@ -11,6 +11,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
+from captioner.api import MAX_ASPECT
 from captioner.data.coco import upright_rgb
 
 # what we accept: the formats browsers and phones produce (HEIC needs a plugin PIL lacks)
@@ -46,6 +47,8 @@ def decode_image(data: bytes, name: str = "upload", max_pixels: int = 50_000_000
             raise UploadError(413, f"{name}: {width}x{height} is {width * height:,} pixels; send at most {max_pixels:,}")
         if width < 1 or height < 1:
             raise UploadError(400, f"{name}: the image has no pixels ({width}x{height})")
+        if max(width, height) > MAX_ASPECT * min(width, height):  # CLIP's resize would blow it up
+            raise UploadError(400, f"{name}: {width}x{height} is too elongated to caption (aspect ratio over {MAX_ASPECT}:1); crop it")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
