@@ -91,6 +91,8 @@ class Captioner:
         self.preprocess = module.encoder.preprocess  # CLIP's resize, centre crop and normalisation
         self.resolution = module.encoder.resolution
         self.has_attention = isinstance(module.mapper, AttentionMapper)
+        # GPT-2 has n_positions position embeddings, and the prefix takes some of them
+        self.max_new_tokens = module.decoder.config.n_positions - module.hparams.prefix_length
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", int8: bool = False) -> "Captioner":
@@ -111,6 +113,12 @@ class Captioner:
     @torch.inference_mode()
     def caption_pixels(self, pixels: torch.Tensor, decoding: Decoding | None = None, attention: bool = False) -> list[Caption]:
         """Caption a preprocessed batch (B, 3, R, R) in one forward pass."""
+        decoding = decoding or Decoding()
+        if decoding.max_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"max_new_tokens={decoding.max_new_tokens} is more than this model's GPT-2 can place after its prefix: "
+                f"use at most {self.max_new_tokens}"
+            )
         module = self.module
         features = module.features({"pixels": pixels.to(self.device)})
         maps = None
@@ -119,7 +127,7 @@ class Captioner:
             maps = attention_grid(weights.float()).cpu()  # (B, P, g, g)
         else:
             prefix = module.mapper(features)  # (B, P, D)
-        texts = generate(module.decoder, module.tokenizer, prefix, decoding or Decoding())
+        texts = generate(module.decoder, module.tokenizer, prefix, decoding)
         return [Caption(t, None if maps is None else maps[i]) for i, t in enumerate(texts)]
 
     def describe(self, images, batch_size: int = 16, attention: bool = True, **decoding) -> list[Caption]:

@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
     captioner = Captioner.from_pretrained(args.ckpt, device=args.device, int8=args.int8)
     decoding = Decoding(strategy=args.strategy, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    if args.max_new_tokens > captioner.max_new_tokens:
+        print(f"error: --max-new-tokens {args.max_new_tokens}: this model writes at most {captioner.max_new_tokens}", file=sys.stderr)
+        return 2
     writer = Writer(args.out, args.format)
     skipped: list[tuple[Path, str]] = []
     done = 0

@@ -48,6 +48,8 @@ def test_decoding_options_reach_the_decoder(captioner):
     short = captioner.caption(image, max_new_tokens=2)
     assert len(captioner.module.tokenizer(short)["input_ids"]) <= 2
     assert isinstance(captioner.caption(image, strategy="beam", num_beams=3), str)
+    with pytest.raises(ValueError, match="use at most 56"):  # smoke GPT-2: 64 positions, prefix 8
+        captioner.caption(image, max_new_tokens=60)
     with pytest.raises(ValueError, match="unknown decoding option"):
         captioner.caption(image, beams=3)
     with pytest.raises(ValueError, match="not one of greedy, beam, sample"):

@@ -97,6 +97,7 @@ BAD_UPLOADS = {  # name -> (request arguments, expected status, words the error 
     "too many images": (dict(files=[("images", (f"{i}.jpg", JPEG, "image/jpeg")) for i in range(17)]), 400, "Too many files"),
     "bad decoding option": (dict(files={"images": ("a.jpg", JPEG, "image/jpeg")}, params={"strategy": "nucleus"}), 422, "strategy"),
     "too many tokens": (dict(files={"images": ("a.jpg", JPEG, "image/jpeg")}, params={"max_new_tokens": 10_000}), 422, "max_new_tokens"),
+    "more tokens than GPT-2 has positions": (dict(files={"images": ("a.jpg", JPEG, "image/jpeg")}, params={"max_new_tokens": 60}), 422, "at most 56"),
 }
 
 

@@ -157,6 +157,8 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), max_batch: int =
             finally:
                 batcher.decoded()
             decoding = Decoding(strategy=strategy, num_beams=num_beams, max_new_tokens=max_new_tokens)
+            if max_new_tokens > captioner.max_new_tokens:
+                return JSONResponse({"detail": f"max_new_tokens: this model writes at most {captioner.max_new_tokens} tokens"}, 422)
             results = await batcher.submit((decoding, attention), [pixels for _, _, pixels in decoded])
         finally:
             batcher.answered()
@@ -207,7 +209,11 @@ def decode_all(files: list[tuple[str, bytes]], captioner: Captioner, limits: Lim
     decoded = []
     for name, data in files:
         image = decode_image(data, name, limits.max_pixels)
-        decoded.append((name, image.size, captioner.preprocess(image)))
+        try:
+            pixels = captioner.preprocess(image)  # (3, R, R)
+        except Exception as e:  # noqa: BLE001 - whatever a client's image does, it is a 4xx
+            raise UploadError(400, f"{name}: the image cannot be prepared for the model ({e})") from None
+        decoded.append((name, image.size, pixels))
     return decoded
 
 
