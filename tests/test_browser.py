@@ -27,7 +27,7 @@ SCREENSHOT = ROOT / "outputs" / "screenshots" / "browser.png"
 def test_upload_a_photo_and_see_its_caption(server, captioner, coco_mini):  # noqa: F811
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium is absent: apt-get install chromium chromium-driver")
-    from playwright.sync_api import sync_playwright
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
     photo = sorted((coco_mini / "images" / "val2017").glob("*.jpg"))[0]
     with sync_playwright() as playwright:
