@@ -141,3 +141,157 @@ def test_sigkill_resume_equals_an_uninterrupted_run_and_a_complete_store_is_left
         extract(store, records, spec={**TINY_CLIP, "vision_layers": 2}, dtype="fp16")
     with pytest.raises(StaleStoreError, match="image_ids"):
         extract(store, records[:-1], dtype="fp16")
+
+
+def test_bad_images_stop_with_their_list_then_skip_without_reencoding(tmp_path):
+    records = make_images(tmp_path / "images", 20)
+    records[5].path.unlink()  # missing
+    records[13].path.write_bytes(b"\x89PNG\r\n\x1a\n broken")  # corrupt
+    CountingEncoder.encoded = 0
+    counting = partial(CountingEncoder, TINY_CLIP)
+    with pytest.raises(BadImagesError) as stopped:
+        extract(tmp_path / "store", records, encoder_factory=counting)
+    message = str(stopped.value)
+    assert "2 of 20 images" in message and "00006.png" in message and "00014.png" in message
+    assert "data.bad_images=skip" in message and "00001.png" not in message
+    assert CountingEncoder.encoded == 18 and json.loads((tmp_path / "store" / "progress.json").read_text())["rows"] == 18
+
+    store = extract(tmp_path / "store", records, encoder_factory=counting, bad_images="skip")
+    assert CountingEncoder.encoded == 18  # the 18 good images were not encoded again
+    assert store.skipped == {6, 14} and len(store) == 18 and 6 not in store.row
+    clean = extract(tmp_path / "clean", [r for r in records if r.image_id not in (6, 14)])
+    for r in records:
+        if r.image_id not in (6, 14):
+            assert torch.equal(store.features(r.image_id)["patch_tokens"], clean.features(r.image_id)["patch_tokens"])
+
+
+def test_a_replaced_bad_file_is_the_only_one_encoded_again(tmp_path):
+    records = make_images(tmp_path / "images", 12)
+    good = records[7].path.read_bytes()
+    records[7].path.write_bytes(b"not an image")
+    CountingEncoder.encoded = 0
+    counting = partial(CountingEncoder, TINY_CLIP)
+    with pytest.raises(BadImagesError, match="00008.png"):
+        extract(tmp_path / "store", records, encoder_factory=counting)
+    records[7].path.write_bytes(good)
+    store = extract(tmp_path / "store", records, encoder_factory=counting)
+    assert CountingEncoder.encoded == 12 and not store.skipped
+    assert torch.equal(store.features(8)["clip_features"], extract(tmp_path / "fresh", records).features(8)["clip_features"])
+
+
+def test_shards_of_two_processes_merge_into_the_single_process_store(tmp_path):
+    records = make_images(tmp_path / "images", 23)  # 6 batches of 4, the last one short
+    single = extract(tmp_path / "single", records)
+    barrier, errors = threading.Barrier(2), []
+
+    def rank(r: int) -> None:
+        try:
+            extract(tmp_path / "sharded", records, rank=r, world_size=2, barrier=barrier.wait)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    sharded = FeatureStore(tmp_path / "sharded")
+    assert sharded.manifest == single.manifest and not (tmp_path / "sharded" / "shards").exists()
+    for name in ("clip_features", "patch_tokens"):
+        assert np.array_equal(np.load(tmp_path / "sharded" / f"{name}.npy"), np.load(tmp_path / "single" / f"{name}.npy"))
+
+
+def test_reading_every_row_keeps_the_mapping_out_of_resident_memory(tmp_path):
+    rows, width = 2048, 16384  # 128 MiB of fp32 rows
+    (tmp_path / "manifest.json").write_text(json.dumps({"image_ids": list(range(rows)), "patch_tokens": False}))
+    array = np.lib.format.open_memmap(tmp_path / "clip_features.npy", mode="w+", dtype=np.float32, shape=(rows, width))
+    array[:] = np.arange(rows, dtype=np.float32)[:, None]
+    array.flush()
+    del array
+    store = FeatureStore(tmp_path)
+
+    def mapped_kib() -> int:  # resident pages of mapped files in this process
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssFile:")))
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc")
+    start = mapped_kib()
+    for i in range(rows):
+        assert store.features(i)["clip_features"][0] == i
+    assert mapped_kib() - start < 16 * 1024  # far below the 128 MiB read
+
+
+def test_extract_cli_writes_the_stores_training_opens_and_a_second_run_writes_nothing(tmp_path, data_dir):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from captioner.extract import run
+    from conftest import CONF
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("extract", overrides=["experiment=smoke", f"paths.data_dir={data_dir}", "paths.root_dir=."])
+    stores = run(cfg)
+    assert set(stores) == {"train", "val", "test"}
+    before = {p: p.stat().st_mtime_ns for s in stores.values() for p in s.iterdir()}
+    assert run(cfg) == stores
+    assert {p: p.stat().st_mtime_ns for s in stores.values() for p in s.iterdir()} == before
+    datamodule = CaptionDataModule(**{k: v for k, v in cfg.data.items() if not k.startswith("_")})  # DictConfig values too
+    datamodule.setup("fit")
+    assert {s: datamodule.datasets[s].store.directory for s in stores} == stores
+
+
+@pytest.mark.slow
+def test_extract_cli_shards_over_two_ddp_processes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAPTIONER_DATA_DIR": str(tmp_path / "data")}
+    single = subprocess.run([sys.executable, "-m", "captioner.extract", "experiment=smoke", f"hydra.run.dir={tmp_path}/a"],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    features = tmp_path / "data" / "synthetic_smoke" / "features"
+    for store in features.iterdir():
+        store.rename(store.with_name(store.name + "-single"))
+    ddp = subprocess.run([sys.executable, "-m", "captioner.extract", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu",
+                          f"hydra.run.dir={tmp_path}/b"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 process(es)" in ddp.stdout
+    for store in features.glob("*-single"):
+        merged = store.with_name(store.name.removesuffix("-single"))
+        assert json.loads((merged / "manifest.json").read_text()) == json.loads((store / "manifest.json").read_text())
+        for name in ("clip_features", "patch_tokens"):
+            assert np.array_equal(np.load(merged / f"{name}.npy"), np.load(store / f"{name}.npy"))
+
+
+def test_training_batches_pad_to_their_own_longest_caption_and_buckets_cut_padding(smoke_cfg):
+    from hydra.utils import instantiate
+
+    def epoch(buckets: int, number: int = 0) -> list[dict]:
+        datamodule = instantiate(smoke_cfg(f"data.length_buckets={buckets}", "data.batch_size=8").data)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        loader = datamodule.train_dataloader()
+        loader.sampler.set_epoch(number)
+        return list(loader)
+
+    plain, bucketed = epoch(0), epoch(4)
+    for batches in (plain, bucketed):
+        for batch in batches:
+            lengths = batch["attention_mask"].sum(1)
+            assert batch["input_ids"].shape[1] == lengths.max()  # no global maximum
+            assert torch.equal(batch["labels"] == -100, batch["attention_mask"] == 0)
+    def seen(batches: list[dict]) -> list[tuple]:
+        return sorted(
+            (int(image_id), tuple(ids[mask.bool()].tolist()))
+            for b in batches
+            for image_id, ids, mask in zip(b["image_id"], b["input_ids"], b["attention_mask"])
+        )
+
+    assert seen(plain) == seen(bucketed)  # the same (image, caption) pairs, once each
+    def padding(batches: list[dict]) -> int:
+        return sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+
+    assert padding(bucketed) < 0.5 * padding(plain)
+    assert [b["image_id"].tolist() for b in epoch(4)] == [b["image_id"].tolist() for b in bucketed]  # seeded
+    assert [b["image_id"].tolist() for b in epoch(4, 1)] != [b["image_id"].tolist() for b in bucketed]  # reshuffled per epoch

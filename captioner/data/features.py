@@ -10,29 +10,24 @@ and, while extraction runs (removed once it completes):
     progress.json        {"rows": rows done, "bad": {row: reason}}, rewritten after every batch
     shards/R-of-W/       one partial store per process of a distributed run; rank 0 merges them
 Row i belongs to `manifest["image_ids"][i]`; readers pair captions with features by image id.
+Writing (resume, bad images, shards) lives in extraction.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import mmap
-import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from captioner.data.coco import ImageRecord, load_image
+from captioner.data.coco import ImageRecord
 
 STORE_VERSION = 1
 BAD_IMAGE_POLICIES = ("stop", "skip")
-log = logging.getLogger(__name__)
 
 
 class StaleStoreError(RuntimeError):
@@ -43,7 +38,7 @@ class BadImagesError(ValueError):
     """Images that are missing or cannot be decoded; what was extracted stays on disk."""
 
 
-def _size(path: Path) -> int:
+def file_size(path: Path) -> int:
     return path.stat().st_size if path.exists() else -1
 
 
@@ -51,7 +46,7 @@ def content_hash(records: Sequence[ImageRecord]) -> str:
     """Image ids, file names and sizes: changes when the image set changes."""
     h = hashlib.sha256()
     for r in records:
-        h.update(f"{r.image_id}\t{r.path.name}\t{_size(r.path)}\n".encode())
+        h.update(f"{r.image_id}\t{r.path.name}\t{file_size(r.path)}\n".encode())
     return h.hexdigest()
 
 
@@ -63,8 +58,14 @@ def identity_hash(records: Sequence[ImageRecord]) -> str:
     return h.hexdigest()
 
 
+def _plain(value):
+    if isinstance(value, Mapping):
+        return dict(value)
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else str(value)
+
+
 def describe(records: Sequence[ImageRecord], encoder_spec, precision: str, resolution: int, split: str, dtype: str, tokens: bool) -> dict:
-    spec = json.loads(json.dumps(encoder_spec, default=str))  # OmegaConf/tuples -> plain JSON
+    spec = json.loads(json.dumps(encoder_spec, default=_plain))  # OmegaConf/tuples -> plain JSON
     return {
         "version": STORE_VERSION,
         "encoder": spec,
@@ -80,7 +81,7 @@ def describe(records: Sequence[ImageRecord], encoder_spec, precision: str, resol
     }
 
 
-def _differences(found: Mapping, wanted: Mapping) -> list[str]:
+def differences(found: Mapping, wanted: Mapping) -> list[str]:
     out = []
     for key in wanted:
         if found.get(key) != wanted[key]:
@@ -91,17 +92,20 @@ def _differences(found: Mapping, wanted: Mapping) -> list[str]:
     return out
 
 
+RELEASE_SPAN = 1 << 20  # covers the kernel's fault-around (64 KiB by default), which maps a read's neighbours too
+
+
 def _release(array: np.memmap, i: int) -> None:
-    """Drop row i's pages from this process's mapping. A mapped page counts in the RSS until it is
-    released, so an epoch over a store bigger than RAM would otherwise grow to the store's size;
-    the pages stay in the page cache, so reading them again costs a minor fault, not a disk read."""
+    """Drop the pages around row i from this process's mapping. A mapped page counts in the RSS
+    until it is released, so an epoch over a store bigger than RAM would otherwise grow to the
+    store's size; the pages stay in the page cache, so reading them again is a minor fault, not I/O."""
     mm = getattr(array, "_mmap", None)
     if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
         return
     row_bytes = array.strides[0]
     begin = array.offset % mmap.ALLOCATIONGRANULARITY + i * row_bytes  # np.memmap maps from a granule boundary
-    first = begin - begin % mmap.PAGESIZE
-    last = min(-(-(begin + row_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE, len(mm))
+    first = begin - begin % RELEASE_SPAN
+    last = min(-(-(begin + row_bytes) // RELEASE_SPAN) * RELEASE_SPAN, len(mm))
     mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
@@ -162,7 +166,7 @@ class FeatureStore:
             found = json.loads(manifest.read_text())
             wanted = describe(records, encoder_spec, precision, 0, split, dtype, tokens)
             wanted["preprocessing"] = found.get("preprocessing")  # resolution is read from the model only when extracting
-            diff = _differences(found, wanted)
+            diff = differences(found, wanted)
             if diff:
                 raise StaleStoreError(
                     f"feature store {directory} was made with other settings: {'; '.join(diff)}. "
@@ -174,7 +178,9 @@ class FeatureStore:
         shapes = {"clip_features": (encoder.embed_dim,)}
         if tokens:
             shapes["patch_tokens"] = (encoder.num_tokens, encoder.token_dim)
-        job = _Extraction(records, encoder, wanted, shapes, batch_size, num_workers, device, rank)
+        from captioner.data.extraction import Extraction  # the writer imports this module's manifest helpers
+
+        job = Extraction(records, encoder, wanted, shapes, batch_size, num_workers, device, rank)
         if world_size == 1:
             job.run(directory, bad_images)
         else:
@@ -193,168 +199,3 @@ def _bad_message(directory: Path, records: Sequence[ImageRecord], bad: Mapping[i
         f"The other images' features are kept in {directory}. Replace or remove these files and run again "
         f"(only they are encoded), or set data.bad_images=skip to leave them out."
     )
-
-
-class _Images(Dataset):
-    """Row -> (row, preprocessed pixels or None, why it failed or None)."""
-
-    def __init__(self, records: Sequence[ImageRecord], preprocess):
-        self.records, self.preprocess = records, preprocess
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.preprocess(load_image(self.records[i].path)), None
-        except ValueError as e:
-            return i, None, str(e)
-
-
-def _collate(items):
-    good = [(i, pixels) for i, pixels, _ in items if pixels is not None]
-    pixels = torch.stack([p for _, p in good]) if good else None
-    return [i for i, _ in good], pixels, {i: error for i, _, error in items if error is not None}
-
-
-def _write_json(path: Path, value) -> None:
-    """Write-then-rename, so a kill never leaves a truncated JSON file in place."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
-
-
-class _Extraction:
-    """Encodes records into partial stores: in place (one process) or as shards merged by rank 0.
-
-    Batches are fixed chunks of `batch_size` consecutive rows, whoever encodes them and however
-    often the run was interrupted, so a resumed or sharded store equals an uninterrupted one bit for bit.
-    """
-
-    def __init__(self, records, encoder, manifest: dict, shapes: dict, batch_size: int, num_workers: int, device, rank: int):
-        self.records, self.encoder, self.manifest, self.shapes = records, encoder, manifest, shapes
-        self.batch_size, self.num_workers, self.device, self.rank = batch_size, num_workers, device, rank
-        self.np_dtype = np.float16 if manifest["dtype"] == "fp16" else np.float32
-
-    def chunks(self, rows: Sequence[int]) -> list[list[int]]:
-        return [list(rows[s : s + self.batch_size]) for s in range(0, len(rows), self.batch_size)]
-
-    def open(self, directory: Path, records, manifest: dict, strict: bool = True, extra: Mapping | None = None):
-        """The partial store's arrays and done mask, resumed when its pending.json matches."""
-        pending = directory / "pending.json"
-        sizes = [_size(r.path) for r in records]
-        if pending.exists():
-            state = json.loads(pending.read_text())
-            diff = _differences(state["manifest"], {k: v for k, v in manifest.items() if k != "content_hash"})
-            if not diff and all(state.get(k) == v for k, v in (extra or {}).items()):
-                arrays = {name: np.lib.format.open_memmap(directory / f"{name}.npy", mode="r+") for name in self.shapes}
-                done = np.lib.format.open_memmap(directory / "done.npy", mode="r+")
-                changed = np.flatnonzero(np.asarray(state["sizes"]) != np.asarray(sizes))
-                if len(changed):  # files replaced since they were encoded: encode them again
-                    done[changed] = 0
-                    _write_json(pending, {**state, "manifest": manifest, "sizes": sizes})
-                return arrays, done
-            if strict:
-                raise StaleStoreError(
-                    f"partly extracted store {directory} was started with other settings: {'; '.join(diff)}. "
-                    f"Delete the directory to start over, or point data.cache_dir elsewhere."
-                )
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        arrays = {
-            name: np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=self.np_dtype, shape=(len(records), *shape))
-            for name, shape in self.shapes.items()
-        }
-        done = np.lib.format.open_memmap(directory / "done.npy", mode="w+", dtype=np.uint8, shape=(len(records),))
-        _write_json(pending, {"manifest": manifest, "sizes": sizes, **(extra or {})})
-        return arrays, done
-
-    def encode(self, directory: Path, records, arrays: dict, done: np.ndarray, batches: list[list[int]]) -> dict[int, str]:
-        """Encode the rows of `batches` not yet done; returns the unreadable rows with the reason."""
-        todo = [b for b in ([i for i in batch if not done[i]] for batch in batches) if b]
-        loader = DataLoader(
-            _Images(records, self.encoder.preprocess),
-            batch_sampler=todo,
-            num_workers=self.num_workers,
-            collate_fn=_collate,
-        )
-        bad: dict[int, str] = {}
-        desc = f"extract {self.manifest['split']}" + (f" [rank {self.rank}]" if self.rank else "")
-        with tqdm(total=len(records), initial=int(done.sum()), desc=desc, unit="img", position=self.rank) as bar:
-            for rows, pixels, errors in loader:
-                bad.update(errors)
-                if rows:
-                    out = self.encoder(pixels.to(self.device))
-                    for name, array in arrays.items():
-                        array[rows] = out[name].cpu().numpy().astype(self.np_dtype)
-                    done[rows] = 1  # after the rows: a kill in between encodes this batch again
-                _write_json(directory / "progress.json", {"rows": int(done.sum()), "bad": bad})
-                bar.update(len(rows) + len(errors))
-        for array in (*arrays.values(), done):
-            array.flush()
-        _write_json(directory / "progress.json", {"rows": int(done.sum()), "bad": bad})
-        return bad
-
-    def run(self, directory: Path, bad_images: str) -> None:
-        arrays, done = self.open(directory, self.records, self.manifest)
-        bad = self.encode(directory, self.records, arrays, done, self.chunks(range(len(self.records))))
-        del arrays, done
-        self.finish(directory, bad, bad_images)
-
-    def run_sharded(self, directory: Path, bad_images: str, rank: int, world_size: int, barrier) -> None:
-        """Rank r encodes every world_size-th pending chunk into shards/r-of-W; rank 0 merges."""
-        if rank == 0 and (directory / "pending.json").exists():
-            self.open(directory, self.records, self.manifest)  # checks settings, marks replaced files undone
-        barrier()
-        done = np.zeros(len(self.records), np.uint8)
-        if (directory / "done.npy").exists():  # rows an earlier run finished are not encoded again
-            done = np.load(directory / "done.npy")
-        pending = [[i for i in c if not done[i]] for c in self.chunks(range(len(self.records)))]
-        mine = [c for c in pending if c][rank::world_size]
-        rows = [i for c in mine for i in c]
-        shard = directory / "shards" / f"{rank}-of-{world_size}"
-        records = [self.records[i] for i in rows]
-        manifest = {**self.manifest, "split": f"{self.manifest['split']} shard {rank}/{world_size}", "count": len(rows),
-                    "image_ids": [r.image_id for r in records], "content_hash": content_hash(records)}
-        arrays, shard_done = self.open(shard, records, manifest, strict=False, extra={"rows": rows})
-        starts = np.cumsum([0] + [len(c) for c in mine])
-        self.encode(shard, records, arrays, shard_done, [list(range(s, s + len(c))) for s, c in zip(starts, mine)])
-        del arrays, shard_done
-        barrier()
-        if rank == 0:
-            self.merge(directory, world_size, bad_images)
-        barrier()
-
-    def merge(self, directory: Path, world_size: int, bad_images: str) -> None:
-        arrays, done = self.open(directory, self.records, self.manifest)
-        finished, bad = [], {}
-        for shard in sorted((directory / "shards").glob(f"*-of-{world_size}")):
-            rows = np.asarray(json.loads((shard / "pending.json").read_text())["rows"], dtype=np.int64)
-            local = np.flatnonzero(np.load(shard / "done.npy"))
-            for name, array in arrays.items():
-                source = np.load(shard / f"{name}.npy", mmap_mode="r")
-                for s in range(0, len(local), 1024):  # blockwise: a shard may not fit in RAM
-                    block = local[s : s + 1024]
-                    array[rows[block]] = source[block]
-            finished.append(rows[local])
-            bad.update({int(rows[int(k)]): v for k, v in json.loads((shard / "progress.json").read_text())["bad"].items()})
-        for rows in finished:  # only once every row is copied: a kill before this keeps the shards usable
-            done[rows] = 1
-        for array in (*arrays.values(), done):
-            array.flush()
-        _write_json(directory / "progress.json", {"rows": int(done.sum()), "bad": bad})
-        del arrays, done
-        shutil.rmtree(directory / "shards")
-        self.finish(directory, bad, bad_images)
-
-    def finish(self, directory: Path, bad: Mapping[int, str], bad_images: str) -> None:
-        """Write the manifest (the store is complete) unless bad images stop it."""
-        if bad and bad_images == "stop":
-            return  # the caller raises BadImagesError; rows done so far stay on disk
-        if bad:
-            log.warning("skipped %d unreadable images (data.bad_images=skip):\n%s", len(bad),
-                        "\n".join(f"  {self.records[i].path}: {why}" for i, why in sorted(bad.items())[:20]))
-        skipped = sorted(self.records[i].image_id for i in bad)
-        _write_json(directory / "manifest.json", {**self.manifest, "skipped": skipped})
-        for name in ("pending.json", "done.npy", "progress.json"):
-            (directory / name).unlink(missing_ok=True)

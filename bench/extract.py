@@ -1,0 +1,108 @@
+"""Feature extraction throughput on real COCO photos: our store vs ClipCap's per-caption encoding.
+
+    .venv/bin/python bench/extract.py [--data ../shared/data/coco_mini] [--baseline-images 16]
+
+Both use full-size ViT-B/32 (random weights: same FLOPs as the pretrained model) on CPU, in this
+process, on the same JPEGs. Ours: DataLoader workers decode while CLIP encodes batches, one encode
+per image, written to the memory-mapped store. ClipCap (`parse_coco.py`): for every caption, open
+the image, preprocess it and encode it alone, so each image is encoded once per caption (5x on COCO).
+The baseline is timed on a subset and reported per image, half before and half after ours, so a
+change in load on a shared machine affects both. CPU seconds per image (this process and its
+DataLoader workers) are printed too: unlike wall time they do not depend on other processes' load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from captioner.data.coco import load_image, load_karpathy
+from captioner.data.features import FeatureStore
+from captioner.models.encoder import ClipEncoder
+
+VIT_B_32 = dict(  # clip.model.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12)
+    embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+    context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12,
+)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def ours(records, encoder: ClipEncoder, batch_size: int, workers: int) -> float:
+    with tempfile.TemporaryDirectory() as directory:
+        start = time.perf_counter()
+        store = FeatureStore.open_or_extract(
+            Path(directory) / "store", records, lambda: encoder, VIT_B_32, "bench",
+            batch_size=batch_size, num_workers=workers, dtype="fp16", tokens=True,
+        )
+        seconds = time.perf_counter() - start
+        assert len(store) == len(records)
+    return seconds
+
+
+def clipcap(records, encoder: ClipEncoder) -> tuple[float, int]:
+    """One forward per (image, caption) pair, batch of one, image re-read each time."""
+    forwards = 0
+    start = time.perf_counter()
+    for record in records:
+        for _caption in record.captions:
+            pixels = encoder.preprocess(load_image(record.path)).unsqueeze(0)
+            encoder(pixels)
+            forwards += 1
+    return time.perf_counter() - start, forwards
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_mini")
+    parser.add_argument("--baseline-images", type=int, default=16, help="images the per-caption baseline encodes")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no spin-waiting on a shared machine)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    split_file = args.data / "annotations" / "dataset_coco_mini_karpathy_format.json"
+    records = load_karpathy(split_file, args.data / "images", ["train", "val", "test"])
+    encoder = ClipEncoder(VIT_B_32)
+    captions = sum(len(r.captions) for r in records)
+    print(f"{len(records)} COCO images, {captions} captions; ViT-B/32 on CPU, {torch.get_num_threads()} torch thread(s)")
+
+    encoder(torch.zeros(1, 3, 224, 224))  # warm-up: first-call allocations out of both timings
+    subset = records[: args.baseline_images]
+    half = len(subset) // 2
+    cpu = cpu_seconds()
+    base_s, forwards = clipcap(subset[:half], encoder)
+    base_cpu = cpu_seconds() - cpu
+    cpu = cpu_seconds()
+    ours_s = ours(records, encoder, args.batch_size, args.workers)
+    ours_cpu = cpu_seconds() - cpu
+    cpu = cpu_seconds()
+    more_s, more_forwards = clipcap(subset[half:], encoder)
+    base_s, forwards, base_cpu = base_s + more_s, forwards + more_forwards, base_cpu + cpu_seconds() - cpu
+
+    ours_rate, base_rate = len(records) / ours_s, len(subset) / base_s
+    table = Table(title="feature extraction, images per second (higher is better)")
+    for column in ("method", "images", "CLIP forwards", "seconds", "images/s", "vs ClipCap", "CPU s/image"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    table.add_row("ClipCap: per caption, batch 1", str(len(subset)), str(forwards), f"{base_s:.1f}", f"{base_rate:.2f}", "1.0x",
+                  f"{base_cpu / len(subset):.2f}")
+    table.add_row(f"ours: per image, batch {args.batch_size}, {args.workers} workers", str(len(records)), str(len(records)),
+                  f"{ours_s:.1f}", f"{ours_rate:.2f}", f"{ours_rate / base_rate:.1f}x",
+                  f"{ours_cpu / len(records):.2f}")
+    Console(width=120).print(table)
+    print(f"target >= 5x: {'met' if ours_rate / base_rate >= 5 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

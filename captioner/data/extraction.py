@@ -1,0 +1,187 @@
+"""Writing a feature store: batched CLIP encoding that resumes after a kill, keeps going past
+unreadable images, and shards across processes (the layout is in features.py).
+
+Batches are fixed chunks of `batch_size` consecutive rows, whoever encodes them and however often
+the run was interrupted, so a resumed or sharded store equals an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from captioner.data.coco import ImageRecord, load_image
+from captioner.data.features import StaleStoreError, content_hash, differences, file_size
+
+log = logging.getLogger(__name__)
+
+
+class _Images(Dataset):
+    """Row -> (row, preprocessed pixels or None, why it failed or None)."""
+
+    def __init__(self, records: Sequence[ImageRecord], preprocess):
+        self.records, self.preprocess = records, preprocess
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.preprocess(load_image(self.records[i].path)), None
+        except ValueError as e:
+            return i, None, str(e)
+
+
+def _collate(items):
+    good = [(i, pixels) for i, pixels, _ in items if pixels is not None]
+    pixels = torch.stack([p for _, p in good]) if good else None
+    return [i for i, _ in good], pixels, {i: error for i, _, error in items if error is not None}
+
+
+def _write_json(path: Path, value) -> None:
+    """Write-then-rename, so a kill never leaves a truncated JSON file in place."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+class Extraction:
+    """Encodes records into partial stores: in place (one process) or as shards merged by rank 0."""
+
+    def __init__(self, records, encoder, manifest: dict, shapes: dict, batch_size: int, num_workers: int, device, rank: int):
+        self.records, self.encoder, self.manifest, self.shapes = records, encoder, manifest, shapes
+        self.batch_size, self.num_workers, self.device, self.rank = batch_size, num_workers, device, rank
+        self.np_dtype = np.float16 if manifest["dtype"] == "fp16" else np.float32
+
+    def chunks(self, rows: Sequence[int]) -> list[list[int]]:
+        return [list(rows[s : s + self.batch_size]) for s in range(0, len(rows), self.batch_size)]
+
+    def open(self, directory: Path, records, manifest: dict, strict: bool = True, extra: Mapping | None = None):
+        """The partial store's arrays and done mask, resumed when its pending.json matches."""
+        pending = directory / "pending.json"
+        sizes = [file_size(r.path) for r in records]
+        if pending.exists():
+            state = json.loads(pending.read_text())
+            diff = differences(state["manifest"], {k: v for k, v in manifest.items() if k != "content_hash"})
+            if not diff and all(state.get(k) == v for k, v in (extra or {}).items()):
+                arrays = {name: np.lib.format.open_memmap(directory / f"{name}.npy", mode="r+") for name in self.shapes}
+                done = np.lib.format.open_memmap(directory / "done.npy", mode="r+")
+                changed = np.flatnonzero(np.asarray(state["sizes"]) != np.asarray(sizes))
+                if len(changed):  # files replaced since they were encoded: encode them again
+                    done[changed] = 0
+                    _write_json(pending, {**state, "manifest": manifest, "sizes": sizes})
+                return arrays, done
+            if strict:
+                raise StaleStoreError(
+                    f"partly extracted store {directory} was started with other settings: {'; '.join(diff)}. "
+                    f"Delete the directory to start over, or point data.cache_dir elsewhere."
+                )
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            name: np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=self.np_dtype, shape=(len(records), *shape))
+            for name, shape in self.shapes.items()
+        }
+        done = np.lib.format.open_memmap(directory / "done.npy", mode="w+", dtype=np.uint8, shape=(len(records),))
+        _write_json(pending, {"manifest": manifest, "sizes": sizes, **(extra or {})})
+        return arrays, done
+
+    def encode(self, directory: Path, records, arrays: dict, done: np.ndarray, batches: list[list[int]]) -> dict[int, str]:
+        """Encode the rows of `batches` not yet done; returns the unreadable rows with the reason."""
+        todo = [b for b in ([i for i in batch if not done[i]] for batch in batches) if b]
+        loader = DataLoader(
+            _Images(records, self.encoder.preprocess),
+            batch_sampler=todo,
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+        )
+        bad: dict[int, str] = {}
+        desc = f"extract {self.manifest['split']}" + (f" [rank {self.rank}]" if self.rank else "")
+        with tqdm(total=len(records), initial=int(done.sum()), desc=desc, unit="img", position=self.rank) as bar:
+            for rows, pixels, errors in loader:
+                bad.update(errors)
+                if rows:
+                    out = self.encoder(pixels.to(self.device))
+                    for name, array in arrays.items():
+                        array[rows] = out[name].cpu().numpy().astype(self.np_dtype)
+                    done[rows] = 1  # after the rows: a kill in between encodes this batch again
+                _write_json(directory / "progress.json", {"rows": int(done.sum()), "bad": bad})
+                bar.update(len(rows) + len(errors))
+        for array in (*arrays.values(), done):
+            array.flush()
+        _write_json(directory / "progress.json", {"rows": int(done.sum()), "bad": bad})
+        return bad
+
+    def run(self, directory: Path, bad_images: str) -> None:
+        arrays, done = self.open(directory, self.records, self.manifest)
+        bad = self.encode(directory, self.records, arrays, done, self.chunks(range(len(self.records))))
+        del arrays, done
+        self.finish(directory, bad, bad_images)
+
+    def run_sharded(self, directory: Path, bad_images: str, rank: int, world_size: int, barrier) -> None:
+        """Rank r encodes every world_size-th pending chunk into shards/r-of-W; rank 0 merges."""
+        if rank == 0 and (directory / "pending.json").exists():
+            self.open(directory, self.records, self.manifest)  # checks settings, marks replaced files undone
+        barrier()
+        done = np.zeros(len(self.records), np.uint8)
+        if (directory / "done.npy").exists():  # rows an earlier run finished are not encoded again
+            done = np.load(directory / "done.npy")
+        pending = [[i for i in c if not done[i]] for c in self.chunks(range(len(self.records)))]
+        mine = [c for c in pending if c][rank::world_size]
+        rows = [i for c in mine for i in c]
+        shard = directory / "shards" / f"{rank}-of-{world_size}"
+        records = [self.records[i] for i in rows]
+        manifest = {**self.manifest, "split": f"{self.manifest['split']} shard {rank}/{world_size}", "count": len(rows),
+                    "image_ids": [r.image_id for r in records], "content_hash": content_hash(records)}
+        arrays, shard_done = self.open(shard, records, manifest, strict=False, extra={"rows": rows})
+        starts = np.cumsum([0] + [len(c) for c in mine])
+        self.encode(shard, records, arrays, shard_done, [list(range(s, s + len(c))) for s, c in zip(starts, mine)])
+        del arrays, shard_done
+        barrier()
+        if rank == 0:
+            self.merge(directory, world_size, bad_images)
+        barrier()
+
+    def merge(self, directory: Path, world_size: int, bad_images: str) -> None:
+        arrays, done = self.open(directory, self.records, self.manifest)
+        finished, bad = [], {}
+        for shard in sorted((directory / "shards").glob(f"*-of-{world_size}")):
+            rows = np.asarray(json.loads((shard / "pending.json").read_text())["rows"], dtype=np.int64)
+            local = np.flatnonzero(np.load(shard / "done.npy"))
+            for name, array in arrays.items():
+                source = np.load(shard / f"{name}.npy", mmap_mode="r")
+                for s in range(0, len(local), 1024):  # blockwise: a shard may not fit in RAM
+                    block = local[s : s + 1024]
+                    array[rows[block]] = source[block]
+            finished.append(rows[local])
+            bad.update({int(rows[int(k)]): v for k, v in json.loads((shard / "progress.json").read_text())["bad"].items()})
+        for rows in finished:  # only once every row is copied: a kill before this keeps the shards usable
+            done[rows] = 1
+        for array in (*arrays.values(), done):
+            array.flush()
+        _write_json(directory / "progress.json", {"rows": int(done.sum()), "bad": bad})
+        del arrays, done
+        shutil.rmtree(directory / "shards")
+        self.finish(directory, bad, bad_images)
+
+    def finish(self, directory: Path, bad: Mapping[int, str], bad_images: str) -> None:
+        """Write the manifest (the store is complete) unless bad images stop it."""
+        if bad and bad_images == "stop":
+            return  # the caller raises BadImagesError; rows done so far stay on disk
+        if bad:
+            log.warning("skipped %d unreadable images (data.bad_images=skip):\n%s", len(bad),
+                        "\n".join(f"  {self.records[i].path}: {why}" for i, why in sorted(bad.items())[:20]))
+        skipped = sorted(self.records[i].image_id for i in bad)
+        _write_json(directory / "manifest.json", {**self.manifest, "skipped": skipped})
+        for name in ("pending.json", "done.npy", "progress.json"):
+            (directory / name).unlink(missing_ok=True)
+        shutil.rmtree(directory / "shards", ignore_errors=True)  # left by an interrupted distributed run
