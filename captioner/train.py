@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -11,6 +12,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from captioner.checkpoint import resolve_ckpt_path
@@ -38,7 +40,8 @@ def run(cfg: DictConfig) -> dict:
     configure_wandb()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:  # DDP: every process runs this; one set of outputs
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # writes the embedded dataset (and its tokenizer) on first use
@@ -62,6 +65,8 @@ def run(cfg: DictConfig) -> dict:
         metrics.update({f"test/{k}": v for k, v in scores["model"].items()})
     for logger in loggers:
         logger.finalize("success")
+    if trainer.is_global_zero:  # what captioner.sweep_summary tabulates for each job of a sweep
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
 

@@ -1,0 +1,73 @@
+"""Hydra sweeps from conf/sweep/: a grid multirun and Optuna trials, summarised by val/cider."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose_train
+
+# every job: the smoke model, two training batches, one validation batch, no test scoring
+TINY = ["experiment=smoke", "debug=limit", "score=false", "model.val_cider_images=4", "logger=csv"]
+
+
+def _multirun(sweep_dir, data_dir, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "captioner.train", "-m", *TINY, f"paths.data_dir={data_dir}",
+               f"hydra.sweep.dir={sweep_dir}", *overrides]
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_grid_sweep_summary_has_a_row_per_job_sorted_by_val_cider(tmp_path, data_dir):
+    sweep = tmp_path / "grid"
+    # the command line replaces conf/sweep/grid.yaml's rows with tiny values: 2 x 2 x 1 = 4 jobs
+    _multirun(sweep, data_dir, "sweep=grid", "model.prefix_length=4,8", "model.mapper.num_layers=1,2", "data.noise.rate=0.1")
+    table = pd.read_csv(sweep / "summary.csv")
+    assert len(table) == 4
+    assert sorted(zip(table["model.prefix_length"], table["model.mapper.num_layers"])) == [(4, 1), (4, 2), (8, 1), (8, 2)]
+    assert table["val/cider"].notna().all()
+    assert list(table["val/cider"]) == sorted(table["val/cider"], reverse=True)
+    for _, row in table.iterrows():  # each row's values are that job's own config and score
+        job = OmegaConf.load(sweep / str(row["job"]) / "config.yaml")
+        assert job.model.prefix_length == row["model.prefix_length"] and job.model.mapper.num_layers == row["model.mapper.num_layers"]
+        assert json.loads((sweep / str(row["job"]) / "metrics.json").read_text())["val/cider"] == row["val/cider"]
+    markdown = (sweep / "summary.md").read_text().splitlines()
+    assert markdown[0].startswith("| job | model.prefix_length | model.mapper.num_layers | data.noise.rate | val/cider")
+    assert len(markdown) == 2 + 4
+    assert (sweep / "summary.png").stat().st_size > 0
+
+
+def test_optuna_sweep_runs_three_trials_maximising_val_cider(tmp_path, data_dir):
+    sweep = tmp_path / "optuna"
+    done = _multirun(sweep, data_dir, "sweep=optuna", "hydra.sweeper.n_trials=3",
+                     "model.prefix_length=choice(4,8)", "model.mapper.num_layers=choice(1,2)")
+    assert "Best value" in done.stdout + done.stderr
+    results = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert results.name == "optuna"
+    table = pd.read_csv(sweep / "summary.csv")
+    assert len(table) == 3 and table["val/cider"].notna().all()
+    assert results.best_value == max(table["val/cider"])
+
+
+def test_the_sweep_configs_hold_the_papers_values(tmp_path):
+    grid = compose_train(tmp_path, tmp_path, ["sweep=grid"]).hydra.sweeper.params
+    assert "40" in grid["model.prefix_length"].split(",") and "8" in grid["model.mapper.num_layers"].split(",")
+    assert "0.1" in grid["data.noise.rate"].split(",")
+    optuna = compose_train(tmp_path, tmp_path, ["sweep=optuna"]).hydra.sweeper
+    assert optuna.direction == "maximize" and "40" in optuna.params["model.prefix_length"]
+    slurm = compose_train(tmp_path, tmp_path, ["sweep=grid", "hydra/launcher=slurm"]).hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher") and slurm.max_num_timeout > 0
+
+
+def test_two_runs_started_in_the_same_second_get_different_directories(tmp_path):
+    a, b = (compose_train(tmp_path, tmp_path, []).hydra.run.dir for _ in range(2))
+    stamp = r".*/runs/(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)_([0-9a-f]{6})$"
+    (time_a, id_a), (time_b, id_b) = re.match(stamp, a).groups(), re.match(stamp, b).groups()
+    assert id_a != id_b and a != b  # even when time_a == time_b: the random id tells them apart
