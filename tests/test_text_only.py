@@ -68,6 +68,10 @@ def test_the_store_is_made_once_and_reused(text_root, tmp_path, monkeypatch):
     again = instantiate(cfg.data)
     again.setup("fit")
     assert torch.equal(again.datasets["train"][3]["clip_features"], first.datasets["train"][3]["clip_features"])
+    records = first.records["train"]
+    other = instantiate(compose_train(tmp_path / "run", text_root, [*SMALL, "model.encoder.vision_layers=1"]).data)
+    assert first._store_key(records) == again._store_key(records)
+    assert other._store_key(records) != first._store_key(records)  # another CLIP: a store of its own, not a stale one
 
 
 def test_patch_token_mappers_are_refused_with_the_fix(text_root, tmp_path):

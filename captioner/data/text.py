@@ -6,7 +6,8 @@ dimension) teaches the mapper the neighbourhood rather than the point, so at tes
 embedding lands inside it. Only the training split changes: validation and test read image
 features, so `val/loss` and the scores measure captions of images.
 
-Each training caption is embedded once by the frozen CLIP text tower and kept in a store:
+Each training caption is embedded once by the frozen CLIP text tower and kept in a store,
+`train-text-<hash of captions and encoder>/` in `data.cache_dir`:
     manifest.json        encoder, precision, caption count and hash (written last: its presence means complete)
     text_features.npy    (C, E) one row per caption, in annotation order (record by record)
 Only pooled-vector mappers (`mlp`, `transformer`) can train this way: text has no patch tokens.
@@ -120,7 +121,7 @@ class TextCaptionDataModule(CaptionDataModule):
             distributed = dict(rank=trainer.global_rank, barrier=trainer.strategy.barrier, device=trainer.strategy.root_device)
         encode = partial(
             TextFeatureStore.open_or_encode,
-            Path(self.hparams.cache_dir) / f"train-text-{caption_hash(records)[:12]}",
+            Path(self.hparams.cache_dir) / f"train-text-{self._store_key(records)}",
             records,
             encoder_factory=partial(ClipEncoder, spec, self.hparams.precision),
             encoder_spec=spec,
@@ -137,6 +138,11 @@ class TextCaptionDataModule(CaptionDataModule):
             distributed["barrier"]()
             store = encode()
         return records, store
+
+    def _store_key(self, records: list[ImageRecord]) -> str:
+        """Captions and the encoding settings: another CLIP gets its own store, not a stale-store error."""
+        what = [caption_hash(records), self.hparams.encoder, self.hparams.precision, self.hparams.feature_dtype]
+        return hashlib.sha256(json.dumps(what, default=str, sort_keys=True).encode()).hexdigest()[:12]
 
     def setup(self, stage: str | None = None) -> None:
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
