@@ -205,3 +205,32 @@ def test_a_published_name_without_weights_fails_fast(tmp_path, tokenizer_dir, mo
     clipcap_checkpoint(tmp_path / "mlp.pt", tokenizer_dir, "mlp", stale=False)
     with pytest.raises(MissingWeightsError, match="ViT-B/32"):
         import_clipcap(tmp_path / "mlp.pt", "mlp", "ViT-B/32", str(tokenizer_dir))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mapping_type,clip_arch,prefix_length", [("mlp", "ViT-B/32", 10), ("transformer", "RN50x4", 40)])
+def test_published_sizes_import_with_equal_logits(mapping_type, clip_arch, prefix_length, tmp_path, tokenizer_dir):
+    """ClipCap's published shapes: GPT-2 small (12 heads read as n_embd / 64), P = 10 MLP on ViT-B/32,
+    P = L = 40 transformer on RN50x4, random weights, stale buffers included."""
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config())
+    prefix_size = 512 if clip_arch == "ViT-B/32" else 640
+    reference = ClipCaptionModel(gpt, prefix_length, prefix_length, prefix_size, 8, mapping_type).eval()
+    state = reference.state_dict()
+    for i in range(12):
+        state[f"gpt.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1024, 1024, dtype=torch.uint8)).view(1, 1, 1024, 1024)
+        state[f"gpt.transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, tmp_path / "clipcap.pt")
+    main([str(tmp_path / "clipcap.pt"), "--mapper", mapping_type, "--prefix-length", str(prefix_length),
+          "--clip", json.dumps({"arch": clip_arch}), "--tokenizer", str(tokenizer_dir), "-o", str(tmp_path / "out.ckpt")])
+    module = CaptionModule.load_from_checkpoint(tmp_path / "out.ckpt", weights_only=True).eval()
+    assert module.decoder.config.n_head == 12 and module.encoder.embed_dim == prefix_size
+    features, tokens = torch.randn(2, prefix_size) * 5, torch.randint(0, 50257, (2, 12))
+    prefix = features / features.norm(2, -1, keepdim=True) if mapping_type == "transformer" else features
+    mask = torch.ones(2, 12, dtype=torch.long)
+    with torch.no_grad():
+        expected = reference(tokens, prefix, torch.ones(2, prefix_length + 12, dtype=torch.long)).logits
+        got = module({"clip_features": features, "input_ids": tokens, "attention_mask": mask, "labels": tokens}).logits
+    diff = (got - expected).abs().max().item()
+    print(f"max |logit difference| {mapping_type} at published size: {diff:.2e}")
+    assert diff <= 1e-5
