@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "data" / "gpt2_tokenizer"), help="GPT-2's vocab.json + merges.txt")
     parser.add_argument("--ckpt", help="a trained checkpoint: report int8 vs fp32 caption agreement on its test split")
     parser.add_argument("--skip-speed", action="store_true", help="only the --ckpt agreement")
+    parser.add_argument("--only", choices=["latency", "throughput"], help="run one of the two speed tables")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     global WARMUP
@@ -207,9 +208,11 @@ def main() -> None:
         images = torch.randn(args.images, 3, 224, 224)  # (B, 3, H, W) normalised pixels
         console.print(f"ViT-B/32 + GPT-2 124M (random), attention mapper {args.mapper_layers} layers, prefix {args.prefix_length}, "
                       f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-        results = latency_table(module, int8, images[:1], eos, args, console)
-        throughput_table(module, int8, images, eos, args, console)
-        console.print({k: round(v, 3) for k, v in results.items()})
+        if args.only != "throughput":
+            results = latency_table(module, int8, images[:1], eos, args, console)
+            console.print({k: round(v, 3) for k, v in results.items()})
+        if args.only != "latency":
+            throughput_table(module, int8, images, eos, args, console)
     if args.ckpt:
         agreement(args.ckpt, console, batch_size=100)
 

@@ -55,7 +55,11 @@ def write_results(run_dir: str | Path, split: str | None, captions: dict[int, st
 
 
 def _ordered(scores: dict) -> dict:
-    return {part: {m: values[m] for m in METRICS if m in values} if part in ("model", "human", "percent_of_human") else values for part, values in scores.items()}
+    """Metric columns in pycocoevalcap's order (Bleu_1..4, METEOR, ROUGE_L, CIDEr, SPICE)."""
+    ordered = dict(scores)
+    for part in ("model", "human", "percent_of_human"):
+        ordered[part] = {m: scores[part][m] for m in METRICS if m in scores[part]}
+    return ordered
 
 
 def score_split(
