@@ -54,9 +54,13 @@ class ResumableLoader(DataLoader):
         super().__init__(*args, generator=torch.Generator().manual_seed(0), **kwargs)
 
     def state_dict(self) -> dict:
+        if not isinstance(self.sampler, ResumableSampler):  # replaced, e.g. by use_distributed_sampler=true
+            return {}
         return {"epoch": self.sampler.epoch, "consumed": self.sampler.consumed}
 
     def load_state_dict(self, state: dict) -> None:
+        if not state or not isinstance(self.sampler, ResumableSampler):
+            return
         batches = -(-len(self.sampler) // self.batch_size)  # ceil: the last batch may be short
         epoch, consumed = state["epoch"], state["consumed"]
         if consumed >= batches:  # saved after the epoch's last batch: the next epoch starts clean
