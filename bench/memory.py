@@ -5,7 +5,7 @@
 Each epoch runs in a fresh process (the real CaptionDataModule, CaptionModule and Lightning Trainer,
 one caption per image) over a store of ViT-B/32-shaped synthetic features: pooled (512) + 49 patch
 tokens (49 x 512), fp16, 51 KB per image, so the 10*N store is ten times bigger than the N one.
-The child reports its peak RSS (getrusage ru_maxrss; mapped file pages that stay resident count).
+The child reports its peak RSS (VmHWM; mapped file pages that stay resident count).
 Training reads the store memory-mapped and releases each row's pages after copying it, so the peak
 should not grow with the store: target 10*N <= 1.2x N.
 """
@@ -78,6 +78,15 @@ def epoch(root: Path, splits: dict, batch_size: int) -> None:
     assert trainer.global_step == -(-len(datamodule.datasets["train"]) // batch_size)  # the whole store was read
 
 
+def peak_rss_kib() -> int:
+    """This process's peak RSS. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across
+    exec from the parent's address space (vfork), so a child would report the parent's peak."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        return int(next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:")))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin" else 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2000, help="N: images in the small store")
@@ -87,7 +96,7 @@ def main() -> None:
     if args.child:  # the measured process: train one epoch, report the peak RSS
         state = json.loads((args.child / "splits.json").read_text())
         epoch(args.child, state, args.batch_size)
-        print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        print(json.dumps({"peak_rss_mib": peak_rss_kib() / 1024}))
         return
 
     from captioner.data.synthetic import write_dataset

@@ -44,7 +44,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         datamodule.prepare_data()  # writes the embedded dataset on first use
     fabric.barrier()
     shard = dict(rank=fabric.global_rank, world_size=fabric.world_size, barrier=fabric.barrier, device=fabric.device)
-    table = Table("split", "images", "skipped", title=f"feature stores, {fabric.world_size} process(es)")
+    table = Table("split", "images", "skipped", title="feature stores")
     stores = {}
     for split in cfg.splits or list(datamodule.splits):
         records, store = datamodule.load_split(split, **shard)
@@ -52,7 +52,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         table.add_row(split, str(len(store)), str(len(store.skipped)))
     if fabric.global_rank == 0:
         Console().print(table)
-        print(f"stores in {Path(cfg.data.cache_dir).resolve()}")
+        print(f"written by {fabric.world_size} process(es) into {Path(cfg.data.cache_dir).resolve()}")
     return stores
 
 
