@@ -84,11 +84,13 @@ def free_port() -> int:
 class Server:
     """`python -m captioner.serve` in a subprocess, up once /healthz answers."""
 
-    def __init__(self, ckpt: Path, max_batch: int, threads: int | None):
+    def __init__(self, ckpt: Path, max_batch: int, threads: int | None, int8: bool = False):
         self.url = f"http://127.0.0.1:{free_port()}"
         args = [f"ckpt={ckpt}", f"port={self.url.rsplit(':', 1)[1]}", f"max_batch={max_batch}", "log_level=warning"]
         if threads:
             args.append(f"threads={threads}")
+        if int8:
+            args.append("int8=true")
         self.process = subprocess.Popen([sys.executable, "-m", "captioner.serve", *args], cwd=ROOT)
         deadline = time.monotonic() + 600
         while True:
@@ -159,6 +161,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="server torch threads (default: all cores)")
     parser.add_argument("--ckpt", type=Path, help="serve this checkpoint instead of building a random full-size one")
     parser.add_argument("--tiny", action="store_true", help="the embedded-size model: a quick check of the harness")
+    parser.add_argument("--int8", action="store_true", help="serve GPT-2 and the mapper in int8 (captioner/quantize.py)")
     parser.add_argument("--unbatched", action="store_true", help="also run the highest concurrency with max_batch=1")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -178,7 +181,7 @@ def main() -> None:
             for concurrency, max_batch in runs:
                 if max_batch not in servers:
                     with console.status(f"starting the server (max_batch={max_batch})"):
-                        servers[max_batch] = Server(ckpt, max_batch, args.threads)
+                        servers[max_batch] = Server(ckpt, max_batch, args.threads, args.int8)
                 url = servers[max_batch].url
                 warm_up(url, images, concurrency, args.max_new_tokens)
                 with console.status(f"{args.requests} requests at concurrency {concurrency}, max_batch {max_batch}"):
@@ -193,7 +196,8 @@ def main() -> None:
 
 def report(console: Console, rows: list, args) -> None:
     model = "embedded-size (tiny)" if args.tiny else ("checkpoint " + str(args.ckpt) if args.ckpt else "ViT-B/32 + GPT-2 124M, random weights")
-    table = Table(title=f"serve load: {model}, CPU, {args.max_new_tokens} new tokens, greedy")
+    precision = "int8 GPT-2 + mapper" if args.int8 else "fp32"
+    table = Table(title=f"serve load: {model}, CPU {precision}, {args.max_new_tokens} new tokens, greedy")
     for column in ("clients", "max batch", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "req/s", "mean batch", "p95 / C=1 p95"):
         table.add_column(column, justify="right")
     base = next((r for c, b, r in rows if c == 1 and b == args.max_batch), None)
