@@ -93,3 +93,29 @@ class LossCurve(L.Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(self.path, dpi=100)
         plt.close(fig)
+
+
+class WandbSamples(L.Callback):
+    """After each validation: a W&B table of sample validation images with the predicted caption and the
+    references (`CaptionModule.val_samples`). Nothing happens without a WandbLogger (`logger=csv`)."""
+
+    def __init__(self, max_images: int = 8):
+        self.max_images = max_images
+
+    def on_validation_end(self, trainer, module) -> None:  # after the module's epoch end set val_samples
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        samples = getattr(module, "val_samples", None)
+        if not loggers or not samples or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        import wandb
+
+        datamodule = trainer.datamodule
+        paths = {r.image_id: r.path for r in getattr(datamodule, "records", {}).get("val", [])}
+        table = wandb.Table(columns=["step", "image_id", "image", "prediction", "references"])
+        for image_id, caption, references in samples[: self.max_images]:
+            image = wandb.Image(str(paths[image_id])) if image_id in paths else None
+            table.add_data(trainer.global_step, image_id, image, caption, " | ".join(references))
+        for logger in loggers:
+            logger.experiment.log({"val/samples": table, "trainer/global_step": trainer.global_step})

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -65,6 +66,8 @@ def run(cfg: DictConfig) -> dict:
         metrics.update({f"test/{k}": v for k, v in scores["model"].items()})
     for logger in loggers:
         logger.finalize("success")
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.finish()  # flushed now; the next job of a multirun starts its own W&B run
     if trainer.is_global_zero:  # what captioner.sweep_summary tabulates for each job of a sweep
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
