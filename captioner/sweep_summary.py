@@ -99,7 +99,11 @@ class SweepSummary(Callback):
     """Hydra callback: summarise the sweep directory when a multirun ends."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        table = summarize(config.hydra.sweep.dir)
+        try:
+            table = summarize(config.hydra.sweep.dir)
+        except FileNotFoundError as error:  # e.g. every job failed before writing anything
+            print(f"no sweep summary: {error}")
+            return
         print(f"sweep summary ({len(table)} jobs, best {METRIC} first): {config.hydra.sweep.dir}/summary.md")
 
 

@@ -9,9 +9,10 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_train
+from conftest import CONF, ROOT, compose_train
 
 # every job: the smoke model, two training batches, one validation batch, no test scoring
 TINY = ["experiment=smoke", "debug=limit", "score=false", "model.val_cider_images=4", "logger=csv"]
@@ -71,3 +72,9 @@ def test_two_runs_started_in_the_same_second_get_different_directories(tmp_path)
     stamp = r".*/runs/(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)_([0-9a-f]{6})$"
     (time_a, id_a), (time_b, id_b) = re.match(stamp, a).groups(), re.match(stamp, b).groups()
     assert id_a != id_b and a != b  # even when time_a == time_b: the random id tells them apart
+
+
+@pytest.mark.parametrize("debug", sorted(p.stem for p in (CONF / "debug").glob("*.yaml")))
+def test_every_debug_config_composes_with_the_smoke_experiment(debug, tmp_path):
+    cfg = compose_train(tmp_path, tmp_path, ["experiment=smoke", f"debug={debug}"])
+    assert cfg.task_name == "debug" and cfg.trainer._target_ == "lightning.Trainer"
