@@ -193,7 +193,7 @@ class CaptionDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is None or not self.trainer.training:
             return batch  # validation, test and prediction see clean features
-        if isinstance(sampler := getattr(self.trainer.train_dataloader, "sampler", None), ResumableSampler):
+        if isinstance(sampler := getattr(getattr(self.trainer, "train_dataloader", None), "sampler", None), ResumableSampler):
             sampler.consumed += 1  # the resume position: batches the model received, not prefetched ones
         noisy = dict(batch)
         for key in ("clip_features", "patch_tokens"):
