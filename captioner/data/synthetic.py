@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-FORMAT_VERSION = 1  # bump when rendering or captions change: invalidates written datasets
+FORMAT_VERSION = 2  # bump when rendering or captions change: invalidates written datasets
 EOS = "<|endoftext|>"
 
 COLOURS = {
@@ -115,7 +116,7 @@ def render(things: list[Thing], image_size: int, rng: random.Random) -> Image.Im
     image = Image.new("RGB", (image_size, image_size), (shade, shade, shade))
     draw = ImageDraw.Draw(image)
     for t in things:
-        r = image_size * (0.17 if t.size == "large" else 0.09)
+        r = image_size * (0.2 if t.size == "large" else 0.12)  # small ones still span ~2x2 ViT patches
         cx, cy = t.x * image_size, t.y * image_size
         colour = COLOURS[t.colour]
         if t.shape == "circle":
@@ -200,6 +201,8 @@ def write_dataset(
         return root
     if manifest.exists():
         manifest.unlink()  # rewrite below; the manifest goes last, so a partial write is never trusted
+    if (root / "features").exists():
+        shutil.rmtree(root / "features")  # extracted from the images being replaced: stale
 
     first_id, train_captions = 1, []
     for split, count in sizes.items():
