@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from captioner.checkpoint import resolve_ckpt_path
 from captioner.evaluate import caption_split, print_scores, score_split, write_results
 from captioner.generate import decoding_from
+from captioner.grid import caption_grid
 
 # a random suffix keeps two runs started in the same second in different directories
 OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
@@ -63,6 +64,9 @@ def run(cfg: DictConfig) -> dict:
         scores = score_split(datamodule.references("test"), captions, meteor=cfg.score_meteor)
         write_results(output_dir, "test", captions, scores)
         print_scores(scores, f"test split: {len(captions)} images ({output_dir})")
+        shown = datamodule.records["test"][:12]
+        caption_grid([r.path for r in shown], [captions[r.image_id] for r in shown], output_dir / "samples_test.png",
+                     references=[r.captions[0] for r in shown])
         metrics.update({f"test/{k}": v for k, v in scores["model"].items()})
     for logger in loggers:
         logger.finalize("success")

@@ -62,3 +62,4 @@ def test_smoke_run_writes_captions_and_scores(smoke_cfg, tmp_path):
     assert len(captions) == 16 and all(set(c) == {"image_id", "caption"} for c in captions)
     assert list((out / "checkpoints").glob("last.ckpt"))
     assert (out / "loss_curve.png").stat().st_size > 0
+    assert (out / "samples_test.png").stat().st_size > 0
