@@ -183,10 +183,11 @@ def test_shards_of_two_processes_merge_into_the_single_process_store(tmp_path):
     records = make_images(tmp_path / "images", 23)  # 6 batches of 4, the last one short
     single = extract(tmp_path / "single", records)
     barrier, errors = threading.Barrier(2), []
+    encoders = [ClipEncoder(TINY_CLIP) for _ in range(2)]  # built here: seeded init draws from the global RNG
 
     def rank(r: int) -> None:
         try:
-            extract(tmp_path / "sharded", records, rank=r, world_size=2, barrier=barrier.wait)
+            extract(tmp_path / "sharded", records, encoder_factory=lambda: encoders[r], rank=r, world_size=2, barrier=barrier.wait)
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
             barrier.abort()
