@@ -83,3 +83,21 @@ def test_loss_falls_over_a_few_dozen_steps(smoke_cfg):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_building_random_clip_and_gpt2_leaves_the_run_random_stream_alone(smoke_cfg):
+    # the feature store builds the CLIP only on a cold cache: a seeded build must not shift the
+    # stream that shuffles, initialises the mapper and draws noise, or cold and warm runs differ
+    from captioner.models.decoder import load_gpt2
+    from captioner.models.encoder import ClipEncoder
+
+    cfg = smoke_cfg()
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    tokenizer = instantiate(cfg.model).tokenizer
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    ClipEncoder(dict(cfg.model.encoder))
+    load_gpt2(dict(cfg.model.decoder), tokenizer, seed=7)
+    assert torch.equal(torch.rand(3), expected)

@@ -55,10 +55,11 @@ def load_gpt2(spec: str | Mapping, tokenizer: PreTrainedTokenizerBase, seed: int
     (`arch: gpt2-medium` starts from a published size, GPT-2's 50257-token vocabulary included)."""
     vocab_size, eos = len(tokenizer), tokenizer.eos_token_id
     if isinstance(spec, Mapping):
-        torch.manual_seed(seed)
         fields = resolve(spec, GPT2_ARCHS, "model.decoder")
         fields.setdefault("vocab_size", vocab_size)  # the tokenizer's, unless the spec or its arch sets one
-        model = GPT2LMHeadModel(GPT2Config(**fields, bos_token_id=eos, eos_token_id=eos))
+        with torch.random.fork_rng(devices=[]):  # seeded weights without moving the run's random stream
+            torch.manual_seed(seed)
+            model = GPT2LMHeadModel(GPT2Config(**fields, bos_token_id=eos, eos_token_id=eos))
     elif Path(spec).expanduser().is_dir():
         model = GPT2LMHeadModel.from_pretrained(Path(spec).expanduser())
     else:

@@ -32,10 +32,11 @@ def load_clip(spec: str | Mapping, seed: int | None = None) -> CLIP:
     if isinstance(spec, Mapping):
         args = resolve(spec, CLIP_ARCHS, "model.encoder")
         spec_seed = args.pop("seed", 0)
-        torch.manual_seed(spec_seed if seed is None else seed)
         if isinstance(args["vision_layers"], (list, tuple)):  # ResNets take a tuple of stage depths
             args["vision_layers"] = tuple(args["vision_layers"])
-        return CLIP(**args).float()
+        with torch.random.fork_rng(devices=[]):  # seeded weights without moving the run's random stream
+            torch.manual_seed(spec_seed if seed is None else seed)
+            return CLIP(**args).float()
     path = Path(spec).expanduser()
     if path.is_file():
         try:  # OpenAI's releases are TorchScript archives
