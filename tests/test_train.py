@@ -63,3 +63,16 @@ def test_smoke_run_writes_captions_and_scores(smoke_cfg, tmp_path):
     assert list((out / "checkpoints").glob("last.ckpt"))
     assert (out / "loss_curve.png").stat().st_size > 0
     assert (out / "samples_test.png").stat().st_size > 0
+
+
+def test_cold_and_warm_feature_caches_train_the_same_model(tmp_path):
+    # extraction (cold cache only) must not consume the run's random stream
+    from captioner.checkpoint import read_checkpoint
+
+    finals = []
+    for name in ("cold", "warm"):
+        cfg = compose_train(tmp_path / name, tmp_path / "data", ["experiment=smoke", "score=false"])
+        run(cfg)
+        finals.append(read_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")["state_dict"])
+    for key, weight in finals[0].items():
+        assert torch.equal(finals[1][key], weight), key

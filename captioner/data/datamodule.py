@@ -129,20 +129,21 @@ class CaptionDataModule(L.LightningDataModule):
         if not distributed and trainer is not None and trainer.world_size > 1:
             distributed = dict(rank=trainer.global_rank, world_size=trainer.world_size,
                                barrier=trainer.strategy.barrier, device=trainer.strategy.root_device)
-        store = FeatureStore.open_or_extract(
-            Path(self.hparams.cache_dir) / f"{split}-{key}",
-            records,
-            encoder_factory=partial(ClipEncoder, encoder_spec, self.hparams.precision),
-            encoder_spec=encoder_spec,
-            split=split,
-            precision=self.hparams.precision,
-            dtype=self.hparams.feature_dtype,
-            tokens=self.hparams.patch_tokens,
-            batch_size=self.hparams.extract_batch_size,
-            num_workers=self.hparams.num_workers,
-            bad_images=self.hparams.bad_images,
-            **distributed,
-        )
+        with torch.random.fork_rng(devices=[]):  # extraction's DataLoader draws a seed: a cold cache must not shift the run
+            store = FeatureStore.open_or_extract(
+                Path(self.hparams.cache_dir) / f"{split}-{key}",
+                records,
+                encoder_factory=partial(ClipEncoder, encoder_spec, self.hparams.precision),
+                encoder_spec=encoder_spec,
+                split=split,
+                precision=self.hparams.precision,
+                dtype=self.hparams.feature_dtype,
+                tokens=self.hparams.patch_tokens,
+                batch_size=self.hparams.extract_batch_size,
+                num_workers=self.hparams.num_workers,
+                bad_images=self.hparams.bad_images,
+                **distributed,
+            )
         kept = [r for r in records if r.image_id in store.row]  # skipped unreadable images have no features
         return kept, store
 
