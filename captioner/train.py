@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from captioner.checkpoint import resolve_ckpt_path
+from captioner.checkpoint import read_checkpoint, resolve_ckpt_path
 from captioner.evaluate import caption_split, print_scores, score_split, write_results
 from captioner.generate import decoding_from
 from captioner.grid import caption_grid
@@ -57,8 +57,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.score and trainer.is_global_zero and not trainer.fast_dev_run:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if best:
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            module.load_state_dict(state)
+            module.load_state_dict(read_checkpoint(best)["state_dict"])
         datamodule.setup("test")
         captions = caption_split(module, datamodule, "test", decoding_from(cfg.test_decoding))
         scores = score_split(datamodule.references("test"), captions, meteor=cfg.score_meteor)

@@ -168,13 +168,14 @@ class CaptionDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         batch_size = self.hparams.batch_size if shuffle else self.hparams.eval_batch_size
         # training resumes mid-epoch at the same batch (data/sampler.py); evaluation reads in order
-        sampler = ResumableSampler(len(self.datasets[split]), self.hparams.seed, batch_size) if shuffle else None
+        dataset, sampler = self.datasets[split], None
         if shuffle and self.hparams.length_buckets:
-            dataset = self.datasets[split]
             lengths = [len(dataset.tokens[r][k]) for r, k in dataset.pairs]
             sampler = LengthBucketSampler(lengths, self.hparams.seed, batch_size, self.hparams.length_buckets)
+        elif shuffle:
+            sampler = ResumableSampler(len(dataset), self.hparams.seed, batch_size)
         return (ResumableLoader if shuffle else DataLoader)(
-            self.datasets[split],
+            dataset,
             batch_size=batch_size,
             sampler=sampler,
             num_workers=self.hparams.num_workers,
