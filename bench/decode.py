@@ -158,17 +158,18 @@ def throughput_table(module, int8, images, eos, args, console) -> None:
 
 def agreement(ckpt: str, console: Console, batch_size: int) -> None:
     """Share of test images whose int8 caption equals the fp32 caption, trained model, CPU."""
-    from captioner.evaluate import caption_split, datamodule_for, load_module
+    from captioner.api import Captioner, load_module
+    from captioner.evaluate import caption_split, datamodule_for
 
     module = load_module(ckpt)
-    int8 = quantize_module(module)
+    fp32_captioner, int8_captioner = Captioner(module), Captioner(quantize_module(module))
     datamodule = datamodule_for(ckpt, "test", {"eval_batch_size": batch_size})
     t = Table(title=f"int8 vs fp32 captions on the test split of {ckpt}")
     for column in ("decoding", "images", "identical", "% identical"):
         t.add_column(column, justify="left" if column == "decoding" else "right")
     for d in (Decoding("greedy", max_new_tokens=30), Decoding("beam", num_beams=3, max_new_tokens=30)):
-        fp32 = caption_split(module, datamodule, "test", d)
-        quantized = caption_split(int8, datamodule, "test", d)
+        fp32 = caption_split(fp32_captioner, datamodule, "test", d)
+        quantized = caption_split(int8_captioner, datamodule, "test", d)
         same = sum(fp32[i] == quantized[i] for i in fp32)
         t.add_row(f"{d.strategy}" + (f" {d.num_beams}" if d.strategy == "beam" else ""), str(len(fp32)), str(same), f"{100 * same / len(fp32):.1f}")
         for i in [i for i in fp32 if fp32[i] != quantized[i]][:3]:

@@ -10,6 +10,7 @@ One implementation of "image in, caption out", used by the web app and the CLI:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from captioner import checkpoint, quantize
 from captioner.data.coco import load_image, upright_rgb
 from captioner.generate import Decoding, decoding_from, generate
+from captioner.models.encoder import dtype_of
 from captioner.models.mapper import AttentionMapper, attention_grid
 
 ImageLike = str | Path | Image.Image | torch.Tensor
@@ -37,13 +40,7 @@ def load_module(path: str | Path):
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist: pass a .ckpt file from a run's checkpoints/ folder")
-    try:
-        from captioner.checkpoint import load_module as load
-    except ImportError:  # a checkout without checkpoint export reads Lightning checkpoints only
-        from captioner.module import CaptionModule
-
-        return CaptionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    return load(path)
+    return checkpoint.load_module(path)
 
 
 def to_pil(image: ImageLike) -> Image.Image:
@@ -82,6 +79,12 @@ def _as_list(images) -> tuple[list, bool]:
     return list(images), False
 
 
+def native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check and check())
+
+
 class Captioner:
     """A trained CaptionModule in eval mode, with image loading, preprocessing and decoding."""
 
@@ -93,17 +96,29 @@ class Captioner:
         self.has_attention = isinstance(module.mapper, AttentionMapper)
         # GPT-2 has n_positions position embeddings, and the prefix takes some of them
         self.max_new_tokens = module.decoder.config.n_positions - module.hparams.prefix_length
+        self.decoder_dtype = module.decoder.get_input_embeddings().weight.dtype  # the prefix joins GPT-2's embeddings
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", int8: bool = False) -> "Captioner":
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", int8: bool = False, precision: str = "fp32") -> "Captioner":
         """Load a Lightning checkpoint (`.ckpt`) or an exported safetensors directory.
 
-        `int8=True` quantizes the Linear layers to int8 for CPU inference (captioner/quantize.py)."""
+        `int8=True` quantizes GPT-2's and the mapper's Linear layers to int8 for CPU inference
+        (captioner/quantize.py). `precision="bf16"` (or "fp16") runs CLIP and GPT-2 with 16-bit
+        weights: half the memory traffic per token, and on CPUs with AVX512-BF16 or AMX much faster
+        batched matmuls (bench/serve_load.py); the mapper stays fp32."""
+        dtype_of(precision)  # a wrong name fails before the checkpoint loads
         module = load_module(path)
         if int8:
             if str(device) != "cpu":
                 raise ValueError("int8 quantization runs on the CPU only: drop int8 or use device=cpu")
-            module = quantize_module(module)
+            if precision != "fp32":
+                raise ValueError(f"int8 and precision={precision} both set GPT-2's weights: choose one")
+            module = quantize.quantize_module(module)
+        elif precision != "fp32":
+            if precision == "bf16" and str(device) == "cpu" and not native_bf16():
+                warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 matmuls are emulated and may be slower than fp32")
+            module.encoder.set_precision(precision)
+            module.decoder.to(dtype_of(precision))
         return cls(module, device)
 
     def pixels(self, images: Iterable[ImageLike]) -> torch.Tensor:
@@ -127,8 +142,17 @@ class Captioner:
             maps = attention_grid(weights.float()).cpu()  # (B, P, g, g)
         else:
             prefix = module.mapper(features)  # (B, P, D)
-        texts = generate(module.decoder, module.tokenizer, prefix, decoding)
+        texts = generate(module.decoder, module.tokenizer, prefix.to(self.decoder_dtype), decoding)
         return [Caption(t, None if maps is None else maps[i]) for i, t in enumerate(texts)]
+
+    @torch.inference_mode()
+    def caption_features(self, batch: dict[str, torch.Tensor], decoding: Decoding | None = None) -> list[str]:
+        """Captions for a batch of stored CLIP features (a feature store's `clip_features` or
+        `patch_tokens`, as the DataModule serves them): evaluation without re-encoding images."""
+        module = self.module
+        features = module.features({k: v.to(self.device) for k, v in batch.items()})
+        prefix = module.mapper(features).to(self.decoder_dtype)  # (B, P, D)
+        return generate(module.decoder, module.tokenizer, prefix, decoding or Decoding())
 
     def describe(self, images, batch_size: int = 16, attention: bool = True, **decoding) -> list[Caption]:
         """Captions with their attention maps (when the mapper has them), one per image."""
@@ -147,14 +171,3 @@ class Captioner:
         items, single = _as_list(images)
         texts = [c.text for c in self.describe(items, batch_size=batch_size, attention=False, **decoding)]
         return texts[0] if single else texts
-
-
-def quantize_module(module):
-    """int8 dynamic quantization through captioner/quantize.py, or a clear error when it is absent."""
-    try:
-        from captioner import quantize
-    except ImportError:
-        raise NotImplementedError(
-            "int8 inference is not available in this installation (captioner/quantize.py is missing): drop the int8 option"
-        ) from None
-    return quantize.quantize_module(module)

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from captioner.api import Captioner
 from captioner.generate import Decoding, decoding_from
 from captioner.metrics import METRICS, PerImage, report, spice_missing, table
 
@@ -31,14 +32,12 @@ OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cach
 
 
 @torch.no_grad()
-def caption_split(module, datamodule, split: str, decoding: Decoding) -> dict[int, str]:
+def caption_split(captioner: Captioner, datamodule, split: str, decoding: Decoding) -> dict[int, str]:
     """{image_id: caption} for every image of `split` (features from the datamodule's store)."""
-    module.eval()
     loader = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}[split]()
     captions: dict[int, str] = {}
     for batch in tqdm(loader, desc=f"caption {split}", unit="batch"):
-        batch = {k: v.to(module.device) for k, v in batch.items()}
-        captions.update(zip(batch["image_id"].tolist(), module.caption_features(batch, decoding)))
+        captions.update(zip(batch["image_id"].tolist(), captioner.caption_features(batch, decoding)))
     return captions
 
 
@@ -150,17 +149,6 @@ def score_results_file(results: str | Path, references: str | Path, meteor: bool
     return (captions, *evaluate_captions(refs, captions, meteor, spice))
 
 
-def load_module(path: str | Path):
-    """A trained `CaptionModule` in eval mode: captioner/checkpoint.py's safe loader when present."""
-    try:
-        from captioner.checkpoint import load_module as safe_load
-    except ImportError:
-        from captioner.module import CaptionModule
-
-        return CaptionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
-    return safe_load(path)
-
-
 def datamodule_for(ckpt_path: str | Path, split: str, overrides: Mapping | None = None):
     """The checkpoint's data settings (Lightning stores the DataModule's hyperparameters) with
     `overrides` on top, reduced to the one split evaluated, set up."""
@@ -193,14 +181,10 @@ def run(cfg: DictConfig) -> dict:
         title = f"{cfg.results}: {len(captions)} images"
         split = None
     elif cfg.ckpt_path:
-        module = load_module(cfg.ckpt_path)
-        if cfg.int8:
-            from captioner.quantize import quantize_module
-
-            module = quantize_module(module)
+        captioner = Captioner.from_pretrained(cfg.ckpt_path, device=cfg.device, int8=cfg.int8, precision=cfg.precision)
         datamodule = datamodule_for(cfg.ckpt_path, cfg.split, cfg.data)
         split = cfg.split
-        captions = caption_split(module, datamodule, split, decoding_from(cfg.decoding))
+        captions = caption_split(captioner, datamodule, split, decoding_from(cfg.decoding))
         scores, per_image = evaluate_captions(datamodule.references(split), captions, cfg.meteor, cfg.spice)
         title = f"{split} split of {cfg.ckpt_path}: {len(captions)} images"
     else:

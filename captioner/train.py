@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from captioner.api import Captioner
 from captioner.checkpoint import read_checkpoint, resolve_ckpt_path
 from captioner.evaluate import caption_split, print_scores, score_split, write_results
 from captioner.generate import decoding_from
@@ -59,7 +60,7 @@ def run(cfg: DictConfig) -> dict:
         if best:
             module.load_state_dict(read_checkpoint(best)["state_dict"])
         datamodule.setup("test")
-        captions = caption_split(module, datamodule, "test", decoding_from(cfg.test_decoding))
+        captions = caption_split(Captioner(module, module.device), datamodule, "test", decoding_from(cfg.test_decoding))
         scores = score_split(datamodule.references("test"), captions, meteor=cfg.score_meteor)
         write_results(output_dir, "test", captions, scores)
         print_scores(scores, f"test split: {len(captions)} images ({output_dir})")

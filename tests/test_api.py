@@ -93,3 +93,17 @@ def test_modes_are_normalised_like_files(captioner, tmp_path):
     path = tmp_path / "grey16.png"
     Image.new("I;16", (64, 64), 128 * 256).save(path)
     assert captioner.caption(path) == expected
+
+
+def test_bf16_runs_clip_and_gpt2_in_16_bits_and_stays_close_to_fp32(captioner, embedded_ckpt):
+    half = Captioner.from_pretrained(embedded_ckpt, precision="bf16")
+    module = half.module
+    assert module.encoder.visual.conv1.weight.dtype == torch.bfloat16 and module.encoder.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in module.decoder.parameters())
+    assert all(p.dtype == torch.float32 for p in module.mapper.parameters())  # small: kept exact
+    images = [Image.new("RGB", (64, 64), colour) for colour in [(200, 30, 30), (30, 200, 30), (30, 30, 200), (230, 230, 230)]]
+    pixels = captioner.pixels(images)
+    with torch.inference_mode():
+        exact, reduced = captioner.module.features({"pixels": pixels}), module.features({"pixels": pixels})
+    assert reduced.dtype == torch.float32 and (reduced - exact).abs().max() < 0.05  # unit-norm features
+    assert half.caption(images) == captioner.caption(images)

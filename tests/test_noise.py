@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 
 from captioner.data.noise import add_noise
+from captioner.api import Captioner
 from captioner.evaluate import caption_split
 from captioner.generate import Decoding
 
@@ -76,9 +77,9 @@ def test_a_real_fit_noises_training_batches_only_with_the_configured_statistics(
     trainer = L.Trainer(max_steps=2, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[spy])
     trainer.fit(module, datamodule=datamodule)
-    captions = module.caption_features  # how train.py scores the test split (captioner.evaluate)
-    module.caption_features = lambda batch, decoding: spy.seen["test"].append(batch) or captions(batch, decoding)
-    caption_split(module, datamodule, "test", Decoding(strategy="greedy", max_new_tokens=3))
+    features = module.features  # how train.py scores the test split (captioner.evaluate, through the Captioner)
+    module.features = lambda batch: spy.seen["test"].append(batch) or features(batch)
+    caption_split(Captioner(module), datamodule, "test", Decoding(strategy="greedy", max_new_tokens=3))
     assert spy.seen["val"] and spy.seen["test"]
     for split in ("val", "test"):  # clean: exactly the stored features
         for batch in spy.seen[split]:

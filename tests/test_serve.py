@@ -233,12 +233,10 @@ def test_the_batcher_groups_queued_requests_and_keeps_their_order():
     assert calls == [("greedy", [0]), ("greedy", [1, 2, 4]), ("beam", [3])]  # one forward per decoding
 
 
-def test_int8_option_is_wired(embedded_ckpt):
-    try:
-        import captioner.quantize  # noqa: F401
-    except ImportError:
-        with pytest.raises(NotImplementedError, match="int8 inference is not available"):
-            Captioner.from_pretrained(embedded_ckpt, int8=True)
-        return
+def test_int8_and_bf16_options_are_wired(embedded_ckpt):
     quantized = Captioner.from_pretrained(embedded_ckpt, int8=True)
     assert isinstance(quantized.caption(scene()), str)
+    with pytest.raises(ValueError, match="choose one"):
+        Captioner.from_pretrained(embedded_ckpt, int8=True, precision="bf16")
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        Captioner.from_pretrained(embedded_ckpt, precision="fp8")

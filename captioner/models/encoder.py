@@ -23,6 +23,12 @@ from captioner.models.zoo import CLIP_ARCHS, resolve
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def dtype_of(precision: str) -> torch.dtype:
+    if precision not in DTYPES:
+        raise ValueError(f"precision {precision!r}: choose one of {sorted(DTYPES)}")
+    return DTYPES[precision]
+
+
 def load_clip(spec: str | Mapping, seed: int | None = None) -> CLIP:
     """A string loads pretrained weights (a `clip` name such as `ViT-B/32`, or a local `.pt` file);
     a mapping of `clip.model.CLIP` arguments builds that architecture with seeded random weights.
@@ -108,13 +114,12 @@ class ClipEncoder(nn.Module):
 
     def __init__(self, spec: str | Mapping, precision: str = "fp32", seed: int | None = None):
         super().__init__()
-        if precision not in DTYPES:
+        if precision not in DTYPES:  # before CLIP loads
             raise ValueError(f"encoder precision {precision!r}: choose one of {sorted(DTYPES)} (model.encoder_precision)")
         model = load_clip(spec, seed)
         self.visual = model.visual
         self.text = ClipText(model)  # text-only training (CapDec) embeds captions with it
-        self.dtype = DTYPES[precision]
-        cast_weights(self, self.dtype)
+        self.set_precision(precision)
         self.requires_grad_(False)
         self.eval()
         v = self.visual
@@ -126,6 +131,12 @@ class ClipEncoder(nn.Module):
         else:
             self.token_dim = v.output_dim
             self.num_tokens = v.positional_embedding.shape[0] - 1  # patches, without the class token
+
+    def set_precision(self, precision: str) -> "ClipEncoder":
+        """Cast the weights (in place) to `precision`, OpenAI's way: see `cast_weights`."""
+        self.dtype = dtype_of(precision)
+        cast_weights(self, self.dtype)
+        return self
 
     def train(self, mode: bool = True) -> "ClipEncoder":
         return super().train(False)  # frozen: always in eval mode, whatever the Trainer asks
