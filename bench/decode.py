@@ -1,7 +1,7 @@
 """Decoding speed on CPU: ours (KV cache, batched, fp32 and int8) vs a ClipCap-style loop and HF generate.
 
     python bench/decode.py                       # full-size ViT-B/32 + GPT-2 124M, random weights, 2 threads
-    python bench/decode.py --ckpt /work/trained/embedded.ckpt   # also: int8 vs fp32 captions of a trained model
+    python bench/decode.py --ckpt /work/trained/embedded.ckpt   # also: int8 and bf16 vs fp32 captions of a trained model
 
 Every method runs in this process on the same random model and image, writes exactly
 `--tokens` new tokens (end-of-text suppressed everywhere: a random GPT-2 would never say it
@@ -157,23 +157,27 @@ def throughput_table(module, int8, images, eos, args, console) -> None:
 
 
 def agreement(ckpt: str, console: Console, batch_size: int) -> None:
-    """Share of test images whose int8 caption equals the fp32 caption, trained model, CPU."""
-    from captioner.api import Captioner, load_module
+    """Share of test images whose int8 (and bf16) caption equals the fp32 caption, trained model, CPU.
+    Captions come from the stored CLIP features, as in evaluation: bf16 here is GPT-2's precision."""
+    from captioner.api import Captioner
     from captioner.evaluate import caption_split, datamodule_for
 
-    module = load_module(ckpt)
-    fp32_captioner, int8_captioner = Captioner(module), Captioner(quantize_module(module))
+    exact = Captioner.from_pretrained(ckpt)
+    reduced = {"int8": Captioner.from_pretrained(ckpt, int8=True), "bf16": Captioner.from_pretrained(ckpt, precision="bf16")}
     datamodule = datamodule_for(ckpt, "test", {"eval_batch_size": batch_size})
-    t = Table(title=f"int8 vs fp32 captions on the test split of {ckpt}")
-    for column in ("decoding", "images", "identical", "% identical"):
+    t = Table(title=f"int8 and bf16 vs fp32 captions on the test split of {ckpt}")
+    for column in ("decoding", "images", *(f"{name} identical" for name in reduced), *(f"{name} %" for name in reduced)):
         t.add_column(column, justify="left" if column == "decoding" else "right")
     for d in (Decoding("greedy", max_new_tokens=30), Decoding("beam", num_beams=3, max_new_tokens=30)):
-        fp32 = caption_split(fp32_captioner, datamodule, "test", d)
-        quantized = caption_split(int8_captioner, datamodule, "test", d)
-        same = sum(fp32[i] == quantized[i] for i in fp32)
-        t.add_row(f"{d.strategy}" + (f" {d.num_beams}" if d.strategy == "beam" else ""), str(len(fp32)), str(same), f"{100 * same / len(fp32):.1f}")
-        for i in [i for i in fp32 if fp32[i] != quantized[i]][:3]:
-            console.print(f"  differs on {i}: fp32 {fp32[i]!r} | int8 {quantized[i]!r}", style="dim")
+        fp32 = caption_split(exact, datamodule, "test", d)
+        same = {}
+        for name, captioner in reduced.items():
+            captions = caption_split(captioner, datamodule, "test", d)
+            same[name] = sum(fp32[i] == captions[i] for i in fp32)
+            for i in [i for i in fp32 if fp32[i] != captions[i]][:3]:
+                console.print(f"  {name} differs on {i}: fp32 {fp32[i]!r} | {name} {captions[i]!r}", style="dim")
+        name = d.strategy + (f" {d.num_beams}" if d.strategy == "beam" else "")
+        t.add_row(name, str(len(fp32)), *(str(n) for n in same.values()), *(f"{100 * n / len(fp32):.1f}" for n in same.values()))
     console.print(t)
 
 
@@ -188,7 +192,7 @@ def main() -> None:
     parser.add_argument("--prefix-length", type=int, default=40, help="the paper's prefix (experiment=coco_attn)")
     parser.add_argument("--mapper-layers", type=int, default=8)
     parser.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "data" / "gpt2_tokenizer"), help="GPT-2's vocab.json + merges.txt")
-    parser.add_argument("--ckpt", help="a trained checkpoint: report int8 vs fp32 caption agreement on its test split")
+    parser.add_argument("--ckpt", help="a trained checkpoint: report int8 and bf16 vs fp32 caption agreement on its test split")
     parser.add_argument("--skip-speed", action="store_true", help="only the --ckpt agreement")
     parser.add_argument("--only", choices=["latency", "throughput"], help="run one of the two speed tables")
     args = parser.parse_args()
