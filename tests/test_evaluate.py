@@ -158,3 +158,6 @@ def test_checkpoint_mode_captions_and_scores_a_split(smoke_cfg, tmp_path):
     assert "METEOR" not in scores["model"] and math.isfinite(scores["model"]["CIDEr"])
     per_image = json.loads((out / "scores_per_image.json").read_text())
     assert {r["image_id"] for r in per_image} == {c["image_id"] for c in captions}
+    with pytest.raises(ValueError, match="int8 and precision=bf16"):  # the options reach Captioner.from_pretrained
+        run(compose_eval(tmp_path / "eval_both", [f"ckpt_path={ckpt}", "int8=true", "precision=bf16"]))
+    assert not (tmp_path / "eval_both" / "scores.json").exists()
