@@ -21,7 +21,7 @@ from PIL import Image
 from captioner import checkpoint, quantize
 from captioner.data.coco import load_image, upright_rgb
 from captioner.generate import Decoding, decoding_from, generate
-from captioner.models.encoder import dtype_of
+from captioner.models.encoder import DTYPES, dtype_of
 from captioner.models.mapper import AttentionMapper, attention_grid
 
 ImageLike = str | Path | Image.Image | torch.Tensor
@@ -97,6 +97,8 @@ class Captioner:
         # GPT-2 has n_positions position embeddings, and the prefix takes some of them
         self.max_new_tokens = module.decoder.config.n_positions - module.hparams.prefix_length
         self.decoder_dtype = module.decoder.get_input_embeddings().weight.dtype  # the prefix joins GPT-2's embeddings
+        quantized = any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in module.decoder.modules())
+        self.precision = "int8" if quantized else {v: k for k, v in DTYPES.items()}[self.decoder_dtype]  # GPT-2's
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", int8: bool = False, precision: str = "fp32") -> "Captioner":

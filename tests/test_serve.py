@@ -190,6 +190,7 @@ def test_page_health_and_openapi(server):
     assert "<script src" not in page.text and "https://" not in page.text  # self-contained: nothing from a CDN
     schema = httpx.get(f"{server}/openapi.json").json()
     assert "/v1/captions" in schema["paths"] and "/healthz" in schema["paths"]
+    assert httpx.get(f"{server}/healthz").json()["precision"] == "fp32"
 
 
 def test_concurrent_requests_share_a_forward_and_get_their_own_captions(server, captioner):
@@ -235,7 +236,8 @@ def test_the_batcher_groups_queued_requests_and_keeps_their_order():
 
 def test_int8_and_bf16_options_are_wired(embedded_ckpt):
     quantized = Captioner.from_pretrained(embedded_ckpt, int8=True)
-    assert isinstance(quantized.caption(scene()), str)
+    assert isinstance(quantized.caption(scene()), str) and quantized.precision == "int8"
+    assert Captioner.from_pretrained(embedded_ckpt, precision="bf16").precision == "bf16"
     with pytest.raises(ValueError, match="choose one"):
         Captioner.from_pretrained(embedded_ckpt, int8=True, precision="bf16")
     with pytest.raises(ValueError, match="precision 'fp8'"):

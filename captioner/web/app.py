@@ -112,6 +112,7 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), max_batch: int =
             "status": "ok",
             "resolution": captioner.resolution,
             "attention": captioner.has_attention,
+            "precision": captioner.precision,
             "prefix_length": captioner.module.hparams.prefix_length,
             "batches": stats.batches,
             "images": stats.images,
