@@ -96,9 +96,8 @@ class Captioner:
         self.has_attention = isinstance(module.mapper, AttentionMapper)
         # GPT-2 has n_positions position embeddings, and the prefix takes some of them
         self.max_new_tokens = module.decoder.config.n_positions - module.hparams.prefix_length
-        self.decoder_dtype = module.decoder.get_input_embeddings().weight.dtype  # the prefix joins GPT-2's embeddings
         quantized = any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in module.decoder.modules())
-        self.precision = "int8" if quantized else {v: k for k, v in DTYPES.items()}[self.decoder_dtype]  # GPT-2's
+        self.precision = "int8" if quantized else {v: k for k, v in DTYPES.items()}[module.decoder.dtype]  # GPT-2's
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", int8: bool = False, precision: str = "fp32") -> "Captioner":
@@ -144,17 +143,14 @@ class Captioner:
             maps = attention_grid(weights.float()).cpu()  # (B, P, g, g)
         else:
             prefix = module.mapper(features)  # (B, P, D)
-        texts = generate(module.decoder, module.tokenizer, prefix.to(self.decoder_dtype), decoding)
+        texts = generate(module.decoder, module.tokenizer, prefix.to(module.decoder.dtype), decoding)
         return [Caption(t, None if maps is None else maps[i]) for i, t in enumerate(texts)]
 
     @torch.inference_mode()
     def caption_features(self, batch: dict[str, torch.Tensor], decoding: Decoding | None = None) -> list[str]:
         """Captions for a batch of stored CLIP features (a feature store's `clip_features` or
         `patch_tokens`, as the DataModule serves them): evaluation without re-encoding images."""
-        module = self.module
-        features = module.features({k: v.to(self.device) for k, v in batch.items()})
-        prefix = module.mapper(features).to(self.decoder_dtype)  # (B, P, D)
-        return generate(module.decoder, module.tokenizer, prefix, decoding or Decoding())
+        return self.module.caption_features({k: v.to(self.device) for k, v in batch.items()}, decoding or Decoding())
 
     def describe(self, images, batch_size: int = 16, attention: bool = True, **decoding) -> list[Caption]:
         """Captions with their attention maps (when the mapper has them), one per image."""

@@ -122,7 +122,8 @@ class CaptionModule(L.LightningModule):
         self.val_samples = [(i, captions[i], references[i]) for i in list(captions)[:8]]
 
     def caption_features(self, batch: Mapping[str, torch.Tensor], decoding: Decoding | None = None) -> list[str]:
-        return generate(self.decoder, self.tokenizer, self.prefix(batch), decoding or self.val_decoding)
+        prefix = self.prefix(batch).to(self.decoder.dtype)  # (B, P, D): a bf16 GPT-2 (Captioner precision=bf16) takes bf16
+        return generate(self.decoder, self.tokenizer, prefix, decoding or self.val_decoding)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]  # frozen weights never reach the optimizer
