@@ -9,8 +9,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from captioner.data.noise import add_noise
 from captioner.api import Captioner
+from captioner.data.noise import add_noise
 from captioner.evaluate import caption_split
 from captioner.generate import Decoding
 
