@@ -25,6 +25,8 @@ from tqdm import tqdm
 from captioner.api import Captioner
 from captioner.generate import Decoding, decoding_from
 from captioner.metrics import METRICS, PerImage, report, spice_missing, table
+from captioner.scene import scene_accuracy, scenes_of
+from captioner.scene import table as scene_table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub retries: absent weights fail at once (models/hub.py)
 # conf/hydra/default.yaml names run directories with it (captioner/train.py registers the same)
@@ -100,8 +102,18 @@ def print_scores(scores: dict, title: str) -> None:
         fair = scores["fair"]
         columns = {"model (vs K-1)": fair["model"], "human (vs K-1)": fair["human"], "% of human": fair["percent_of_human"]}
         console.print(table(columns, title="fair: model and human both against the same K-1 references, averaged over k"))
+    if "scene" in scores:
+        console.print(scene_table(scores["scene"]))
     for metric, reason in scores.get("unavailable", {}).items():
         console.print(f"{metric}: unavailable ({reason})")
+
+
+def add_scene_accuracy(scores: dict, split: Mapping, captions: Mapping[int, str]) -> dict:
+    """`scores["scene"]` when the split's annotations carry scenes (the synthetic data); else unchanged."""
+    scenes = scenes_of(split)
+    if scenes:
+        scores["scene"] = scene_accuracy(scenes, captions)
+    return scores
 
 
 def load_results(path: str | Path) -> dict[int, str]:
@@ -186,6 +198,7 @@ def run(cfg: DictConfig) -> dict:
         split = cfg.split
         captions = caption_split(captioner, datamodule, split, decoding_from(cfg.decoding))
         scores, per_image = evaluate_captions(datamodule.references(split), captions, cfg.meteor, cfg.spice)
+        add_scene_accuracy(scores, datamodule.splits[split], captions)
         title = f"{split} split of {cfg.ckpt_path}: {len(captions)} images"
     else:
         raise ValueError("nothing to evaluate: pass ckpt_path=... (caption a split) or results=... references=... (score a file)")

@@ -17,6 +17,7 @@ from captioner.generate import Decoding, decoding_from, generate
 from captioner.models.decoder import load_gpt2, load_tokenizer
 from captioner.models.encoder import ClipEncoder
 from captioner.models.mapper import build_mapper
+from captioner.scene import scene_accuracy, scenes_of
 
 
 class CaptionModule(L.LightningModule):
@@ -119,7 +120,15 @@ class CaptionModule(L.LightningModule):
         scores = score({i: references[i] for i in captions}, captions, meteor=False)
         self.log("val/cider", scores["CIDEr"], prog_bar=True)
         self.log("val/bleu4", scores["Bleu_4"])
+        scenes = self._scenes(datamodule)
+        if scenes:  # synthetic data: are the captions right, not only phrased like the references?
+            self.log("val/scene_accuracy", scene_accuracy(scenes, captions)["accuracy"], prog_bar=True)
         self.val_samples = [(i, captions[i], references[i]) for i in list(captions)[:8]]
+
+    def _scenes(self, datamodule) -> dict | None:
+        if not hasattr(self, "_val_scenes"):  # read once from the validation annotations
+            self._val_scenes = scenes_of(getattr(datamodule, "splits", {}).get("val") or {})
+        return self._val_scenes
 
     def caption_features(self, batch: Mapping[str, torch.Tensor], decoding: Decoding | None = None) -> list[str]:
         prefix = self.prefix(batch).to(self.decoder.dtype)  # (B, P, D): a bf16 GPT-2 (Captioner precision=bf16) takes bf16

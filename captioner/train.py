@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from pathlib import Path
 
 import hydra
@@ -18,9 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from captioner.api import Captioner
 from captioner.checkpoint import read_checkpoint, resolve_ckpt_path
-from captioner.evaluate import caption_split, print_scores, score_split, write_results
+from captioner.evaluate import add_scene_accuracy, caption_split, print_scores, score_split, write_results
 from captioner.generate import decoding_from
 from captioner.grid import caption_grid
+from captioner.pretraining import prepare as prepare_pretrained
 
 # a random suffix keeps two runs started in the same second in different directories
 OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
@@ -38,6 +40,7 @@ def configure_wandb() -> None:
 
 def run(cfg: DictConfig) -> dict:
     """Train and score; returns the metrics a sweeper optimises (`val/cider`, test scores)."""
+    start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     configure_wandb()
@@ -47,7 +50,8 @@ def run(cfg: DictConfig) -> dict:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()  # writes the embedded dataset (and its tokenizer) on first use
+    datamodule.prepare_data()  # writes the embedded dataset on first use
+    prepare_pretrained(cfg.get("pretrain"))  # the tiny models' tokenizer, CLIP and GPT-2, cached by manifest
     module = instantiate(cfg.model)  # before any feature extraction: absent weights fail at once
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
@@ -61,17 +65,22 @@ def run(cfg: DictConfig) -> dict:
             module.load_state_dict(read_checkpoint(best)["state_dict"])
         datamodule.setup("test")
         captions = caption_split(Captioner(module, module.device), datamodule, "test", decoding_from(cfg.test_decoding))
-        scores = score_split(datamodule.references("test"), captions, meteor=cfg.score_meteor)
+        scores = score_split(datamodule.references("test"), captions, meteor=cfg.score_meteor, fair=True)
+        add_scene_accuracy(scores, datamodule.splits["test"], captions)
         write_results(output_dir, "test", captions, scores)
         print_scores(scores, f"test split: {len(captions)} images ({output_dir})")
         shown = datamodule.records["test"][:12]
         caption_grid([r.path for r in shown], [captions[r.image_id] for r in shown], output_dir / "samples_test.png",
                      references=[r.captions[0] for r in shown])
         metrics.update({f"test/{k}": v for k, v in scores["model"].items()})
+        metrics.update({f"test/fair_percent_of_human_{k}": v for k, v in scores["fair"]["percent_of_human"].items()})
+        if "scene" in scores:
+            metrics["test/scene_accuracy"] = scores["scene"]["accuracy"]
     for logger in loggers:
         logger.finalize("success")
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             logger.experiment.finish()  # flushed now; the next job of a multirun starts its own W&B run
+    metrics["time/wall_s"] = time.perf_counter() - start  # pretraining, extraction, training and scoring
     if trainer.is_global_zero:  # what captioner.sweep_summary tabulates for each job of a sweep
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -15,8 +15,8 @@ import torch.nn.functional as nnf
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from captioner.data.synthetic import train_tokenizer
 from captioner.import_clipcap import ClipCapImportError, import_clipcap, main
+from captioner.pretraining import train_tokenizer
 from captioner.module import CaptionModule
 
 CLIP = {"embed_dim": 48, "image_resolution": 32, "vision_layers": 1, "vision_width": 64, "vision_patch_size": 16,

@@ -15,9 +15,11 @@ Writing (resume, bad images, shards) lives in extraction.py.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import mmap
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -58,6 +60,25 @@ def identity_hash(records: Sequence[ImageRecord]) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encoder_digest(encoder_spec) -> str | None:
+    """The content hash of an encoder given as a local file (a pretrained or user CLIP), else None:
+    a file rebuilt at the same path makes new features, not a silently stale store."""
+    if not isinstance(encoder_spec, (str, os.PathLike)) or not Path(encoder_spec).expanduser().is_file():
+        return None
+    path = Path(encoder_spec).expanduser().resolve()
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
 def _plain(value):
     if isinstance(value, Mapping):
         return dict(value)
@@ -69,6 +90,7 @@ def describe(records: Sequence[ImageRecord], encoder_spec, precision: str, resol
     return {
         "version": STORE_VERSION,
         "encoder": spec,
+        "encoder_sha256": encoder_digest(encoder_spec),
         "precision": precision,
         "preprocessing": f"clip bicubic resize + centre crop {resolution}, CLIP mean/std",
         "normalisation": "none (raw CLIP outputs; the model normalises)",

@@ -2,8 +2,9 @@
 
 Everything is a pure function of the seed. The dataset is written in the official COCO caption
 format (`images/{split}/*.png` + `annotations/captions_{split}.json`) so the same loader reads it
-as real COCO, and a byte-level BPE tokenizer trained on the training captions is saved beside it
-in GPT-2's `vocab.json` / `merges.txt` format (GPT-2's own tokenizer cannot be downloaded here).
+as real COCO. Each image record also stores its scene (`scene`: every object's shape, colour, size and
+centre; `layout`), the ground truth `captioner/scene.py` checks captions against. The tokenizer, CLIP
+and GPT-2 of the embedded default are pretrained on the training split (`captioner/pretraining.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 FORMAT_VERSION = 2  # bump when rendering or captions change: invalidates written datasets
-EOS = "<|endoftext|>"
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -176,26 +176,16 @@ def build_split(split: str, count: int, seed: int, image_size: int, first_id: in
     return images, annotations
 
 
-def train_tokenizer(captions: list[str], out_dir: Path, vocab_size: int) -> None:
-    """A byte-level BPE in GPT-2's format, with GPT-2's end-of-text token as its only special token."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    tokenizer = ByteLevelBPETokenizer()
-    tokenizer.train_from_iterator(captions, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
-    tokenizer.save_model(str(out_dir))  # vocab.json + merges.txt
-
-
 def write_dataset(
     root: str | Path,
     seed: int = 0,
     sizes: dict[str, int] | None = None,
     image_size: int = 64,
-    vocab_size: int = 512,
 ) -> Path:
     """Write the dataset under `root` unless an identical one is already there; returns `root`."""
     root = Path(root)
     sizes = dict(sizes or {"train": 4000, "val": 200, "test": 200})
-    spec = {"format_version": FORMAT_VERSION, "seed": seed, "sizes": sizes, "image_size": image_size, "vocab_size": vocab_size}
+    spec = {"format_version": FORMAT_VERSION, "seed": seed, "sizes": sizes, "image_size": image_size}
     manifest = root / "manifest.json"
     if manifest.exists() and json.loads(manifest.read_text()) == spec:
         return root
@@ -204,7 +194,7 @@ def write_dataset(
     if (root / "features").exists():
         shutil.rmtree(root / "features")  # extracted from the images being replaced: stale
 
-    first_id, train_captions = 1, []
+    first_id = 1
     for split, count in sizes.items():
         images, annotations = build_split(split, count, seed, image_size, first_id)
         first_id += count
@@ -222,11 +212,5 @@ def write_dataset(
         }
         (root / "annotations").mkdir(exist_ok=True)
         (root / "annotations" / f"captions_{split}.json").write_text(json.dumps(coco))
-        if split == "train":
-            train_captions = [a["caption"] for a in annotations]
-
-    tokenizer_dir = root / "tokenizer"
-    tokenizer_dir.mkdir(exist_ok=True)
-    train_tokenizer(train_captions, tokenizer_dir, vocab_size)
     manifest.write_text(json.dumps(spec, indent=2))
     return root

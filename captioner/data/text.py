@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from captioner.data.coco import ImageRecord, load_records
 from captioner.data.datamodule import CaptionDataModule, CaptionDataset
-from captioner.data.features import StaleStoreError
+from captioner.data.features import StaleStoreError, encoder_digest
 from captioner.models.encoder import ClipEncoder
 
 TEXT_STORE_VERSION = 1
@@ -62,6 +62,7 @@ class TextFeatureStore:
             "version": TEXT_STORE_VERSION,
             "kind": "clip text embeddings of captions",
             "encoder": json.loads(json.dumps(encoder_spec, default=str)),
+            "encoder_sha256": encoder_digest(encoder_spec),
             "precision": precision,
             "normalisation": "none (raw CLIP outputs; noise and the model normalise)",
             "dtype": dtype,
@@ -141,7 +142,8 @@ class TextCaptionDataModule(CaptionDataModule):
 
     def _store_key(self, records: list[ImageRecord]) -> str:
         """Captions and the encoding settings: another CLIP gets its own store, not a stale-store error."""
-        what = [caption_hash(records), self.hparams.encoder, self.hparams.precision, self.hparams.feature_dtype]
+        encoder = self.hparams.encoder
+        what = [caption_hash(records), encoder, encoder_digest(encoder), self.hparams.precision, self.hparams.feature_dtype]
         return hashlib.sha256(json.dumps(what, default=str, sort_keys=True).encode()).hexdigest()[:12]
 
     def setup(self, stage: str | None = None) -> None:

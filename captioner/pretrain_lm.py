@@ -1,0 +1,26 @@
+"""python -m captioner.pretrain_lm [overrides]: language-model pretraining of GPT-2 on caption text.
+
+The embedded default's tiny GPT-2 (and its tokenizer) by default (`python -m captioner.train` builds it first when absent);
+the captions of any training split and any GPT-2 size through `conf/pretrain_lm.yaml`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import hydra
+from omegaconf import DictConfig
+
+from captioner import resolvers  # noqa: F401 - the run_id resolver of conf/hydra
+from captioner.pretraining import run_steps
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain_lm")
+def main(cfg: DictConfig) -> None:
+    run_steps(cfg, ["tokenizer", "lm"])
+
+
+if __name__ == "__main__":
+    main()

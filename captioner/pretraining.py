@@ -1,0 +1,240 @@
+"""Cached pretraining steps, built from the configured training split before a run that needs them:
+
+    tokenizer  a byte-level BPE in GPT-2's format (vocab.json + merges.txt) trained on the captions
+    clip       a CLIP contrastively pretrained on the image-caption pairs (clip.pt, a state dict)
+    lm         a GPT-2 language-model pretrained on the captions (a save_pretrained directory)
+
+Each step writes into its own directory with a `manifest.json` (what was built from what: settings,
+seed, steps and a hash of the training data), written last. A directory whose manifest equals the
+wanted one is reused as it is; one that differs is rebuilt, with a line saying what changed. The
+model then loads the result by path (`model.encoder=.../clip.pt`, `model.decoder=...`,
+`model.tokenizer=...`), exactly as it loads published weights, and freezes what it is told to.
+Every step runs on a forked random state: a cold cache does not shift the training run after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from filelock import FileLock
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from captioner.data.coco import ImageRecord, load_records
+from captioner.data.datamodule import collate
+from captioner.data.pairs import CaptionTexts, ImageCaptionPairs, pairs_hash
+
+MANIFEST_VERSION = 1
+EOS = "<|endoftext|>"
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))  # tuples -> lists: as the manifest reads back
+
+
+def is_current(directory: Path, wanted: Mapping, what: str) -> bool:
+    """True when `directory` holds a finished build of exactly `wanted`; says why when it must be rebuilt."""
+    manifest = directory / "manifest.json"
+    if not manifest.is_file():
+        return False
+    found = json.loads(manifest.read_text())
+    changed = [f"{k}: {found.get(k)!r} -> {v!r}" for k, v in wanted.items() if found.get(k) != v]
+    if not changed:
+        return True
+    print(f"{what} in {directory} was built with other settings ({'; '.join(changed)[:300]}): rebuilding")
+    manifest.unlink()  # the old files are replaced below; without a manifest they are never trusted
+    return False
+
+
+def _finish(directory: Path, wanted: Mapping) -> None:
+    tmp = directory / "manifest.json.tmp"  # write-then-rename: a kill never leaves half a manifest
+    tmp.write_text(json.dumps(wanted, indent=2))
+    os.replace(tmp, directory / "manifest.json")
+
+
+def _records(split: Mapping, what: str) -> list[ImageRecord]:
+    records = load_records(dict(split))
+    if not records:
+        raise ValueError(f"{what}: the training split has no images ({dict(split)})")
+    return records
+
+
+def _trainer(directory: Path, steps: int, precision: str, val_every: int | None, loggers: Sequence = ()) -> L.Trainer:
+    return L.Trainer(
+        accelerator="auto", devices=1, max_steps=steps, precision=precision,
+        logger=[CSVLogger(directory, name="logs", version=""), *loggers],
+        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+        val_check_interval=val_every, check_val_every_n_epoch=None if val_every else 1,
+        log_every_n_steps=10, gradient_clip_val=1.0, default_root_dir=directory,
+    )
+
+
+def train_tokenizer(captions: Sequence[str], out: str | Path, vocab_size: int) -> None:
+    """A byte-level BPE in GPT-2's format, GPT-2's end-of-text its only special token."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tokenizer = ByteLevelBPETokenizer()
+    tokenizer.train_from_iterator(captions, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
+    tokenizer.save_model(str(out))  # vocab.json + merges.txt
+
+
+def build_tokenizer(out: str | Path, train: Mapping, vocab_size: int = 512) -> Path:
+    """`out/`: the tokenizer of the training captions (GPT-2's own cannot be downloaded here)."""
+    out = Path(out)
+    records = _records(train, "tokenizer")
+    wanted = {"kind": "byte-level BPE", "version": MANIFEST_VERSION, "vocab_size": vocab_size, "data": pairs_hash(records)}
+    with FileLock(str(out) + ".lock"):
+        if is_current(out, wanted, "the tokenizer"):
+            return out
+        out.mkdir(parents=True, exist_ok=True)
+        train_tokenizer([c for r in records for c in r.captions], out, vocab_size)
+        _finish(out, wanted)
+    return out
+
+
+def build_clip(
+    out: str | Path,
+    train: Mapping,
+    arch: Mapping,
+    val: Mapping | None = None,
+    steps: int = 600,
+    batch_size: int = 256,
+    lr: float = 5e-4,
+    weight_decay: float = 0.1,
+    warmup_steps: int = 50,
+    seed: int = 0,
+    precision: str = "32-true",
+    preload: bool = True,
+    val_every: int | None = 100,
+    loggers: Sequence = (),
+) -> Path:
+    """`out/clip.pt`: a CLIP of architecture `arch` trained contrastively on the pairs of `train`."""
+    from captioner.models.contrastive import ContrastiveCLIP
+
+    out = Path(out)
+    records = _records(train, "CLIP pretraining")
+    wanted = {
+        "kind": "contrastive CLIP", "version": MANIFEST_VERSION, "arch": _plain(arch), "steps": steps,
+        "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+        "seed": seed, "precision": precision, "pairs": sum(len(r.captions) for r in records), "data": pairs_hash(records),
+    }
+    with FileLock(str(out) + ".lock"), torch.random.fork_rng(devices=[]):
+        if is_current(out, wanted, "the pretrained CLIP"):
+            return out / "clip.pt"
+        torch.manual_seed(seed)
+        module = ContrastiveCLIP(arch, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, seed=seed)
+        from clip.clip import _transform
+
+        dataset = partial(ImageCaptionPairs, preprocess=_transform(module.clip.visual.input_resolution),
+                          context_length=module.clip.context_length, preload=preload)
+        loader = DataLoader(dataset(records), batch_size=batch_size, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(seed))
+        val_loaders = None
+        if val:  # every validation image against every validation image's first caption
+            val_pairs = dataset(_records(val, "CLIP validation"), first_only=True)
+            val_loaders = DataLoader(val_pairs, batch_size=len(val_pairs))
+        out.mkdir(parents=True, exist_ok=True)
+        trainer = _trainer(out, steps, precision, val_every if val_loaders else None, loggers)
+        trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loaders)
+        if val_loaders:
+            trainer.validate(module, val_loaders, verbose=False)
+        tmp = out / "clip.pt.tmp"
+        torch.save(module.clip.state_dict(), tmp)
+        os.replace(tmp, out / "clip.pt")
+        _finish(out, wanted)
+    return out / "clip.pt"
+
+
+def build_lm(
+    out: str | Path,
+    train: Mapping,
+    tokenizer: str | Path,
+    arch: Mapping,
+    val: Mapping | None = None,
+    steps: int = 1000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    warmup_steps: int = 100,
+    max_tokens: int = 40,
+    seed: int = 0,
+    precision: str = "32-true",
+    val_every: int | None = 250,
+    loggers: Sequence = (),
+) -> Path:
+    """`out/`: a GPT-2 of architecture `arch` pretrained as a language model on the training captions."""
+    from captioner.models.caption_lm import CaptionLM
+
+    out = Path(out)
+    records = _records(train, "GPT-2 pretraining")
+    vocab = Path(tokenizer) / "vocab.json"
+    wanted = {
+        "kind": "caption language model", "version": MANIFEST_VERSION, "arch": _plain(arch), "steps": steps,
+        "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+        "max_tokens": max_tokens, "seed": seed, "precision": precision, "data": pairs_hash(records),
+        "tokenizer": hashlib.sha256(vocab.read_bytes()).hexdigest() if vocab.is_file() else str(tokenizer),
+    }
+    with FileLock(str(out) + ".lock"), torch.random.fork_rng(devices=[]):
+        if is_current(out, wanted, "the pretrained GPT-2"):
+            return out
+        torch.manual_seed(seed)
+        module = CaptionLM(arch, str(tokenizer), lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, seed=seed)
+        pad = partial(collate, pad_id=module.tokenizer.pad_token_id)
+        loader = DataLoader(CaptionTexts(records, module.tokenizer, max_tokens), batch_size=batch_size, shuffle=True,
+                            drop_last=True, collate_fn=pad, generator=torch.Generator().manual_seed(seed))
+        val_loader = None
+        if val:
+            val_loader = DataLoader(CaptionTexts(_records(val, "GPT-2 validation"), module.tokenizer, max_tokens),
+                                    batch_size=256, collate_fn=pad)
+        out.mkdir(parents=True, exist_ok=True)
+        trainer = _trainer(out, steps, precision, val_every if val_loader else None, loggers)
+        trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
+        module.gpt2.save_pretrained(out)  # config.json + model.safetensors
+        _finish(out, wanted)
+    return out
+
+
+def prepare(pretrain: Mapping | None, loggers: Sequence = ()) -> None:
+    """Build (or find) every step configured under `pretrain` (`conf/pretrain/*.yaml`), in order."""
+    if not pretrain:
+        return
+    if not isinstance(pretrain, dict):  # a DictConfig: plain values for the manifests
+        from omegaconf import OmegaConf
+
+        pretrain = OmegaConf.to_container(pretrain, resolve=True)
+    steps = {"tokenizer": build_tokenizer, "clip": build_clip, "lm": build_lm}
+    for name, settings in pretrain.items():
+        if name not in steps or not settings:
+            continue
+        settings = dict(settings)
+        if name != "tokenizer":
+            settings["loggers"] = loggers
+        steps[name](**settings)
+
+
+def run_steps(cfg, names: Sequence[str]) -> dict[str, Path]:
+    """What `python -m captioner.pretrain_clip` / `pretrain_lm` do: write the embedded dataset when it is
+    configured, then build the named steps of `cfg.pretrain` (cached), logging to `cfg.logger` too."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    if not cfg.get("pretrain"):
+        raise ValueError("nothing to pretrain: this config has pretrain=null (use pretrain=tiny)")
+    if cfg.data.get("synthetic"):
+        from captioner.data.synthetic import write_dataset
+
+        write_dataset(**OmegaConf.to_container(cfg.data.synthetic, resolve=True))
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    pretrain = OmegaConf.to_container(cfg.pretrain, resolve=True)
+    prepare({name: pretrain[name] for name in names if pretrain.get(name)}, loggers)
+    built = {name: Path(pretrain[name]["out"]) for name in names if pretrain.get(name)}
+    for name, path in built.items():
+        print(f"{name}: {path.resolve()}")
+    return built
