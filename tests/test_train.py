@@ -56,8 +56,12 @@ def test_smoke_run_writes_captions_and_scores(smoke_cfg, tmp_path):
     run(smoke_cfg())
     out = tmp_path / "run"
     scores = json.loads((out / "scores.json").read_text())
-    assert set(scores) == {"model", "human", "percent_of_human"}
+    assert set(scores) == {"model", "human", "percent_of_human", "fair", "scene"}
     assert set(scores["model"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}  # smoke: no METEOR
+    assert set(scores["fair"]) == {"model", "human", "percent_of_human"}  # model and humans against the same K-1
+    assert scores["scene"]["images"] == 16 and 0 <= scores["scene"]["accuracy"] <= 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test/scene_accuracy"] == scores["scene"]["accuracy"] and "val/scene_accuracy" in metrics
     captions = json.loads((out / "captions_test.json").read_text())
     assert len(captions) == 16 and all(set(c) == {"image_id", "caption"} for c in captions)
     assert list((out / "checkpoints").glob("last.ckpt"))
@@ -65,8 +69,8 @@ def test_smoke_run_writes_captions_and_scores(smoke_cfg, tmp_path):
     assert (out / "samples_test.png").stat().st_size > 0
 
 
-def test_cold_and_warm_feature_caches_train_the_same_model(tmp_path):
-    # extraction (cold cache only) must not consume the run's random stream
+def test_cold_and_warm_caches_train_the_same_model(tmp_path):
+    # pretraining and extraction (cold caches only) must not consume the run's random stream
     from captioner.checkpoint import read_checkpoint
 
     finals = []

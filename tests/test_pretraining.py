@@ -1,0 +1,139 @@
+"""Pretraining of the tiny CLIP and GPT-2: it teaches them something, and its caches behave."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from captioner.data.coco import load_records
+from captioner.data.synthetic import SHAPES, write_dataset
+from captioner.models.contrastive import retrieval_top1
+from captioner.models.encoder import ClipEncoder
+from captioner.pretraining import build_clip, build_lm, build_tokenizer
+from conftest import CONF
+
+PRETRAIN = OmegaConf.to_container(OmegaConf.load(CONF / "pretrain" / "tiny.yaml"))
+ARCH = PRETRAIN["clip"]["arch"]  # the embedded default's CLIP architecture
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = write_dataset(tmp_path_factory.mktemp("world"), seed=2, sizes={"train": 1500, "val": 300})
+    split = lambda s: {"format": "coco", "annotations": str(root / "annotations" / f"captions_{s}.json"),  # noqa: E731
+                       "images": str(root / "images" / s)}
+    return root, split("train"), split("val")
+
+
+@pytest.fixture(scope="module")
+def pretrained(world, tmp_path_factory):
+    _, train, val = world
+    out = tmp_path_factory.mktemp("clip") / "clip"
+    return build_clip(out, train, ARCH, val=val, steps=250, batch_size=128, lr=1e-3, warmup_steps=25, val_every=None)
+
+
+def _encode(encoder: ClipEncoder, records) -> dict[str, torch.Tensor]:
+    from captioner.data.coco import load_image
+
+    pixels = torch.stack([encoder.preprocess(load_image(r.path)) for r in records])
+    return encoder(pixels)
+
+
+def _probe(train_x, train_y, test_x, test_y) -> float:
+    """Linear probe: multinomial logistic regression (L-BFGS) on unit-norm features, test accuracy."""
+    train_x, test_x = F.normalize(train_x, dim=-1), F.normalize(test_x, dim=-1)
+    w = torch.zeros(train_x.shape[1], len(SHAPES), requires_grad=True)
+    b = torch.zeros(len(SHAPES), requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=200)
+
+    def loss():
+        optimizer.zero_grad()
+        value = F.cross_entropy(10 * train_x @ w + b, train_y) + 1e-3 * w.pow(2).sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    return (10 * test_x @ w + b).argmax(1).eq(test_y).float().mean().item()
+
+
+def test_pretrained_clip_beats_the_random_one_on_retrieval_and_a_shape_probe(world, pretrained):
+    root, train, val = world
+    scenes = {s: {im["id"]: im for im in json.loads((root / "annotations" / f"captions_{s}.json").read_text())["images"]}
+              for s in ("train", "val")}
+    records = {"train": load_records(train), "val": load_records(val)}
+    singles = {s: [r for r in records[s] if len(scenes[s][r.image_id]["scene"]) == 1] for s in records}
+    labels = {s: torch.tensor([SHAPES.index(scenes[s][r.image_id]["scene"][0]["shape"]) for r in singles[s]]) for s in singles}
+    results = {}
+    for name, spec in {"random": ARCH, "pretrained": str(pretrained)}.items():
+        encoder = ClipEncoder(spec)
+        image = F.normalize(_encode(encoder, records["val"])["clip_features"], dim=-1)
+        text = F.normalize(encoder.encode_text([r.captions[0] for r in records["val"]]), dim=-1)
+        pooled = {s: _encode(encoder, singles[s])["clip_features"] for s in singles}
+        results[name] = (retrieval_top1(image, text), _probe(pooled["train"], labels["train"], pooled["val"], labels["val"]))
+    (random_top1, random_probe), (top1, probe) = results["random"], results["pretrained"]
+    assert random_top1 < 0.05 and top1 > 0.2, results
+    assert probe > random_probe + 0.1, results
+
+
+def test_the_clip_cache_is_reused_and_rebuilt_when_its_manifest_differs(world, pretrained, tmp_path, monkeypatch, capsys):
+    _, train, val = world
+    out = tmp_path / "clip"
+    shutil.copytree(pretrained.parent, out)
+    before = (out / "clip.pt").read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a current cache must not train again")
+
+    monkeypatch.setattr("captioner.models.contrastive.ContrastiveCLIP.__init__", refuse)
+    same = dict(steps=250, batch_size=128, lr=1e-3, warmup_steps=25, val_every=None)
+    assert build_clip(out, train, ARCH, val=val, **same) == out / "clip.pt"
+    assert (out / "clip.pt").read_bytes() == before
+    monkeypatch.undo()
+    build_clip(out, train, ARCH, **{**same, "steps": 2})
+    assert "built with other settings (steps: 250 -> 2)" in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["steps"] == 2
+    assert (out / "clip.pt").read_bytes() != before
+
+
+def test_tokenizer_and_language_model_are_cached_the_same_way(world, tmp_path, monkeypatch, capsys):
+    from captioner.models.decoder import load_gpt2, load_tokenizer
+
+    _, train, val = world
+    tokenizer_dir = build_tokenizer(tmp_path / "tokenizer", train, vocab_size=300)
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    arch = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 48}
+    out = build_lm(tmp_path / "gpt2", train, tokenizer_dir, arch, val=val, steps=30, batch_size=32, lr=3e-3, warmup_steps=3, val_every=None)
+    losses = [float(r.split(",")[1]) for r in (out / "logs" / "metrics.csv").read_text().splitlines()[1:] if r.split(",")[1]]
+    assert losses[-1] < losses[0] * 0.8, losses  # it learnt the captions' language
+    model = load_gpt2(str(out), tokenizer)
+    assert model.config.vocab_size == len(tokenizer) and model.config.n_layer == 1
+
+    monkeypatch.setattr("captioner.models.caption_lm.CaptionLM.__init__", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    assert build_lm(tmp_path / "gpt2", train, tokenizer_dir, arch, val=val, steps=30, batch_size=32, lr=3e-3, warmup_steps=3, val_every=None) == out
+    assert build_tokenizer(tmp_path / "tokenizer", train, vocab_size=300) == tokenizer_dir
+    monkeypatch.undo()
+    build_tokenizer(tmp_path / "tokenizer", train, vocab_size=280)
+    assert "the tokenizer" in capsys.readouterr().out
+    assert json.loads((tokenizer_dir / "manifest.json").read_text())["vocab_size"] == 280
+
+
+def test_the_pretrained_encoder_is_frozen_in_the_captioner(pretrained, world, tmp_path):
+    from captioner.module import CaptionModule
+
+    _, train, _ = world
+    tokenizer = build_tokenizer(tmp_path / "tokenizer", train, vocab_size=300)
+    module = CaptionModule(encoder=str(pretrained), decoder={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 48},
+                           tokenizer=str(tokenizer), mapper={"name": "attention", "num_layers": 1, "num_heads": 2}, prefix_length=4)
+    saved = torch.load(pretrained, weights_only=True)
+    assert torch.equal(module.encoder.visual.conv1.weight, saved["visual.conv1.weight"])  # the file's weights, not random ones
+    module.train()
+    batch = {"pixels": torch.randn(2, 3, 64, 64), "input_ids": torch.tensor([[5, 6, 7], [8, 9, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]), "labels": torch.tensor([[5, 6, 7], [8, 9, -100]])}
+    module(batch).loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in module.encoder.parameters())
+    assert any(p.grad is not None for p in module.mapper.parameters())
+    assert not module.encoder.training
