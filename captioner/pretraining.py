@@ -80,6 +80,7 @@ def train_tokenizer(captions: Sequence[str], out: str | Path, vocab_size: int) -
     """A byte-level BPE in GPT-2's format, GPT-2's end-of-text its only special token."""
     from tokenizers import ByteLevelBPETokenizer
 
+    Path(out).mkdir(parents=True, exist_ok=True)
     tokenizer = ByteLevelBPETokenizer()
     tokenizer.train_from_iterator(captions, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
     tokenizer.save_model(str(out))  # vocab.json + merges.txt

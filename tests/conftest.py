@@ -42,10 +42,24 @@ def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
+def pretrained(cfg: DictConfig) -> DictConfig:
+    """`cfg` after its data and pretraining caches exist (what `captioner.train` builds first), so that
+    `instantiate(cfg.model)` finds the pretrained tiny CLIP, GPT-2 and tokenizer."""
+    from omegaconf import OmegaConf
+
+    from captioner.data.synthetic import write_dataset
+    from captioner.pretraining import prepare
+
+    if cfg.data.get("synthetic"):
+        write_dataset(**OmegaConf.to_container(cfg.data.synthetic, resolve=True))
+    prepare(cfg.get("pretrain"))
+    return cfg
+
+
 @pytest.fixture
 def smoke_cfg(tmp_path, data_dir):
     def make(*overrides: str) -> DictConfig:
-        return compose_train(tmp_path / "run", data_dir, ["experiment=smoke", *overrides])
+        return pretrained(compose_train(tmp_path / "run", data_dir, ["experiment=smoke", *overrides]))
 
     return make
 

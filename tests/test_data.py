@@ -12,6 +12,7 @@ from captioner.data.coco import load_coco
 from captioner.data.noise import add_noise
 from captioner.data.synthetic import write_dataset
 from captioner.models.decoder import load_tokenizer
+from captioner.pretraining import build_tokenizer
 
 
 def test_synthetic_dataset_is_deterministic_coco_format(tmp_path):
@@ -37,7 +38,8 @@ def test_captions_vary_and_tokenizer_round_trips(tmp_path):
     distinct = [len(set(r.captions)) for r in records]
     assert sum(distinct) / len(distinct) > 2.5  # five annotators rarely agree word for word
     assert any(" to the left of " in c for r in records for c in r.captions)
-    tokenizer = load_tokenizer(str(root / "tokenizer"))
+    train = {"annotations": str(root / "annotations" / "captions_train.json"), "images": str(root / "images" / "train")}
+    tokenizer = load_tokenizer(str(build_tokenizer(tmp_path / "tokenizer", train, vocab_size=512)))
     assert 256 < len(tokenizer) <= 512
     text = records[0].captions[0]
     assert tokenizer.decode(tokenizer.encode(text)) == text

@@ -137,3 +137,22 @@ def test_the_pretrained_encoder_is_frozen_in_the_captioner(pretrained, world, tm
     assert all(p.grad is None and not p.requires_grad for p in module.encoder.parameters())
     assert any(p.grad is not None for p in module.mapper.parameters())
     assert not module.encoder.training
+
+
+def test_other_coco_format_data_pretrains_on_its_own_training_split(tmp_path, data_dir):
+    """Another world through plain overrides of data.splits.*: tokenizer, CLIP and GPT-2 are built from it."""
+    from captioner.data.pairs import pairs_hash
+    from captioner.train import run
+    from conftest import compose_train
+
+    other = write_dataset(tmp_path / "other", seed=11, sizes={"train": 48, "val": 8, "test": 8})
+    splits = [f"data.splits.{s}.{k}={other / ('annotations/captions_' + s + '.json' if k == 'annotations' else 'images/' + s)}"
+              for s in ("train", "val", "test") for k in ("annotations", "images")]
+    cfg = compose_train(tmp_path / "run", data_dir, ["experiment=smoke", f"data.cache_dir={tmp_path / 'cache'}", *splits])
+    run(cfg)
+    train = load_records({"annotations": str(other / "annotations" / "captions_train.json"), "images": str(other / "images" / "train")})
+    for step in ("tokenizer", "clip", "gpt2"):
+        manifest = json.loads((tmp_path / "cache" / "pretrained" / step / "manifest.json").read_text())
+        assert manifest["data"] == pairs_hash(train), step
+    scores = json.loads((tmp_path / "run" / "scores.json").read_text())
+    assert scores["scene"]["images"] == 8

@@ -10,8 +10,8 @@ import clip
 import pytest
 import torch
 
-from captioner.data.synthetic import train_tokenizer
 from captioner.models.decoder import load_gpt2, load_tokenizer
+from captioner.pretraining import train_tokenizer
 from captioner.models.encoder import ClipEncoder, load_clip
 
 # name: (parameters of the whole CLIP as OpenAI publishes it, of its image tower, E, token width, tokens, resolution)
