@@ -126,14 +126,16 @@ def main() -> None:
         return
 
     from captioner.data.synthetic import write_dataset
+    from captioner.pretraining import train_tokenizer
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for rows in (args.rows, 10 * args.rows):
             root = Path(tmp) / f"rows{rows}"
-            write_dataset(root / "synthetic", seed=0, sizes={"train": 40, "val": 4, "test": 4}, image_size=32)  # its tokenizer
+            write_dataset(root / "synthetic", seed=0, sizes={"train": 40, "val": 4, "test": 4}, image_size=32)
             train_json = json.loads((root / "synthetic" / "annotations" / "captions_train.json").read_text())
             captions = [a["caption"] for a in train_json["annotations"]]
+            train_tokenizer(captions, (root / "synthetic" / "tokenizer").mkdir(parents=True) or root / "synthetic" / "tokenizer", vocab_size=300)
             splits = {"train": write_split(root, "train", rows, captions), "val": write_split(root, "val", 16, captions)}
             (root / "splits.json").write_text(json.dumps(splits))
             store_mib = sum(p.stat().st_size for p in (root / "features").glob("train-*/*.npy")) / 2**20
