@@ -29,6 +29,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import roofline  # noqa: E402  (bench/, beside this file)
 from captioner.generate import Decoding, generate_ids  # noqa: E402
 from captioner.module import CaptionModule  # noqa: E402
 from captioner.quantize import quantize_module  # noqa: E402
@@ -93,66 +94,84 @@ def ours(module, pixels: torch.Tensor, decoding: Decoding) -> list[list[int]]:
 WARMUP = 1  # untimed first calls per method (--warmup)
 
 
-def median_seconds(fn, runs: int) -> tuple[float, object]:
-    for _ in range(WARMUP):  # first-call allocations stay out of the numbers
-        fn()
-    times, result = [], None
+def interleaved(methods: dict, runs: int, device: str) -> tuple[dict[str, float], dict[str, object]]:
+    """Median seconds and last output per method, the methods taking turns run by run, so that
+    a change in load on a shared machine falls on all of them alike."""
+    for fn in methods.values():  # first-call allocations stay out of the numbers
+        for _ in range(WARMUP):
+            fn()
+    times, outputs = {name: [] for name in methods}, {}
     for _ in range(runs):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for name, fn in methods.items():
+            roofline._sync(device)
+            start = time.perf_counter()
+            outputs[name] = fn()
+            roofline._sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, outputs
 
 
-def latency_table(module, int8, pixels, eos, args, console) -> dict[str, float]:
+def latency_table(module, int8, pixels, eos, args, console, peak) -> dict[str, float]:
     """Batch-1 latency, beam 5 and greedy, every method."""
     results = {}
     for strategy in ("beam", "greedy"):
         d = Decoding(strategy, num_beams=5, max_new_tokens=args.tokens, min_new_tokens=args.tokens, length_penalty=1.0)
-        hf = dataclasses.replace(d, engine="hf")
+        hf, dynamic = dataclasses.replace(d, engine="hf"), dataclasses.replace(d, kv_cache="dynamic")
         clipcap = (lambda: clipcap_beam(module, pixels, eos, args.tokens)) if strategy == "beam" else (lambda: clipcap_greedy(module, pixels, eos, args.tokens))
         methods = {
             "ClipCap-style loop (no cache)": clipcap,
             "HF generate (cache), fp32": lambda: ours(module, pixels, hf)[0],
-            "ours (cache), fp32": lambda: ours(module, pixels, d)[0],
-            "HF generate (cache), int8": lambda: ours(int8, pixels, hf)[0],
-            "ours (cache), int8": lambda: ours(int8, pixels, d)[0],
+            "ours, DynamicCache, fp32": lambda: ours(module, pixels, dynamic)[0],
+            "ours, preallocated cache, fp32": lambda: ours(module, pixels, d)[0],
         }
-        times, outputs = {}, {}
-        for name, fn in methods.items():
-            times[name], outputs[name] = median_seconds(fn, args.runs)
-            console.print(f"  {strategy}: {name}: {times[name]:.3f} s", style="dim")
+        if int8 is not None:
+            methods["HF generate (cache), int8"] = lambda: ours(int8, pixels, hf)[0]
+            methods["ours, preallocated cache, int8"] = lambda: ours(int8, pixels, d)[0]
+        with console.status(f"{strategy}: {len(methods)} methods x {args.runs} runs, interleaved"):
+            times, outputs = interleaved(methods, args.runs, args.device)
+            works = {name: roofline.measure(fn) for name, fn in methods.items()}
         reference = outputs["HF generate (cache), fp32"]
-        t = Table(title=f"{strategy}{' 5' if strategy == 'beam' else ''}, batch 1, {args.tokens} new tokens: latency image -> caption (median of {args.runs})")
-        for column in ("method", "seconds", "x ClipCap loop", "x HF generate fp32", "same tokens as HF fp32"):
+        t = Table(title=f"{strategy}{' 5' if strategy == 'beam' else ''}, batch 1, {args.tokens} new tokens: latency image -> caption (median of {args.runs}, interleaved)")
+        for column in ("method", "seconds", "x ClipCap loop", "x HF generate fp32", "same tokens as HF fp32", *roofline.COLUMNS):
             t.add_column(column, justify="left" if column == "method" else "right")
         for name, seconds in times.items():
             same = "yes" if outputs[name] == reference else "no"
-            t.add_row(name, f"{seconds:.3f}", f"{seconds / times['ClipCap-style loop (no cache)']:.3f}", f"{seconds / times['HF generate (cache), fp32']:.3f}", same)
+            t.add_row(name, f"{seconds:.3f}", f"{seconds / times['ClipCap-style loop (no cache)']:.3f}", f"{seconds / times['HF generate (cache), fp32']:.3f}",
+                      same, *works[name].cells(seconds, peak))
         console.print(t)
-        fastest = min(("ours (cache), fp32", "ours (cache), int8"), key=times.get)
-        results[f"{strategy}/fastest_vs_clipcap"] = times[fastest] / times["ClipCap-style loop (no cache)"]
-        results[f"{strategy}/fastest_vs_hf"] = times[fastest] / times["HF generate (cache), fp32"]
+        ours32 = "ours, preallocated cache, fp32"
+        results[f"{strategy}/fp32_vs_hf"] = times[ours32] / times["HF generate (cache), fp32"]
+        results[f"{strategy}/fp32_same_tokens"] = outputs[ours32] == reference
+        weights = sum(p.numel() * p.element_size() for p in module.decoder.parameters())  # lm_head is tied to wte: counted once
+        floor = args.tokens * weights / (peak.read_gbs * 1e9)
+        console.print(f"  floor: GPT-2's {weights / 1e6:.0f} MB of weights read once per step, {args.tokens} steps at {peak.read_gbs:.1f} GB/s = "
+                      f"{floor:.3f} s; ours fp32 {times[ours32]:.3f} s is {100 * floor / times[ours32]:.0f} % of that floor's speed "
+                      f"(the rest: the image encoder, the prefix, and per-step work)")
     return results
 
 
-def throughput_table(module, int8, images, eos, args, console) -> None:
+def throughput_table(module, int8, images, eos, args, console, peak) -> None:
     """Batched greedy over all images vs ClipCap's per-image loop (timed on `--loop-images` of them:
     a per-image loop's time is linear in the number of images)."""
     d = Decoding("greedy", max_new_tokens=args.tokens, min_new_tokens=args.tokens)
     few = images[: args.loop_images]
-    loop_s, _ = median_seconds(lambda: [clipcap_greedy(module, im[None], eos, args.tokens) for im in few], args.runs)
-    rates = {f"ClipCap-style per-image loop ({len(few)} images timed)": len(few) / loop_s}
+    loop = f"ClipCap-style per-image loop ({len(few)} images timed)"
+    methods = {loop: lambda: [clipcap_greedy(module, im[None], eos, args.tokens) for im in few]}
+    counts = {loop: len(few)}
     for name, model in (("ours, batched, fp32", module), ("ours, batched, int8", int8)):
-        seconds, _ = median_seconds(lambda: ours(model, images, d), args.runs)
-        rates[f"{name} ({len(images)} images)"] = len(images) / seconds
-        console.print(f"  throughput: {name}: {seconds:.3f} s for {len(images)}", style="dim")
-    t = Table(title=f"greedy throughput, {args.tokens} new tokens, encoder included (median of {args.runs})")
-    for column in ("method", "images / s", "x per-image loop"):
+        if model is not None:
+            methods[f"{name} ({len(images)} images)"] = lambda model=model: ours(model, images, d)
+            counts[f"{name} ({len(images)} images)"] = len(images)
+    with console.status(f"throughput: {len(methods)} methods x {args.runs} runs, interleaved"):
+        times, _ = interleaved(methods, args.runs, args.device)
+        works = {name: roofline.measure(fn) for name, fn in methods.items()}
+    t = Table(title=f"greedy throughput, {args.tokens} new tokens, encoder included (median of {args.runs}, interleaved)")
+    for column in ("method", "images / s", "x per-image loop", *roofline.COLUMNS):
         t.add_column(column, justify="left" if column == "method" else "right")
-    base = next(iter(rates.values()))
-    for name, rate in rates.items():
-        t.add_row(name, f"{rate:.3f}", f"{rate / base:.1f}")
+    base = counts[loop] / times[loop]
+    for name, seconds in times.items():
+        rate = counts[name] / seconds
+        t.add_row(name, f"{rate:.3f}", f"{rate / base:.1f}", *works[name].cells(seconds, peak))
     console.print(t)
 
 
@@ -185,6 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per method (median); >= 5 for reported numbers")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (int8 is CPU-only and left out on cuda)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per method before the timed ones")
     parser.add_argument("--tokens", type=int, default=20, help="new tokens per caption, exactly")
     parser.add_argument("--images", type=int, default=64, help="batch for the greedy throughput")
@@ -197,6 +217,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["latency", "throughput"], help="run one of the two speed tables")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch sees no GPU here: run on a GPU machine or drop --device")
     global WARMUP
     WARMUP = args.warmup
     console = Console()
@@ -208,16 +230,21 @@ def main() -> None:
             encoder=VIT_B32, decoder={}, tokenizer=args.tokenizer, prefix_length=args.prefix_length,
             mapper={"name": "attention", "num_layers": args.mapper_layers},
         ).eval()  # GPT2Config() defaults: GPT-2 124M
-        int8 = quantize_module(module)
+        int8 = quantize_module(module) if args.device == "cpu" else None
+        module = module.to(args.device)
         eos = module.tokenizer.eos_token_id
-        images = torch.randn(args.images, 3, 224, 224)  # (B, 3, H, W) normalised pixels
+        images = torch.randn(args.images, 3, 224, 224, device=args.device)  # (B, 3, H, W) normalised pixels
+        peak = roofline.probe(args.device)
         console.print(f"ViT-B/32 + GPT-2 124M (random), attention mapper {args.mapper_layers} layers, prefix {args.prefix_length}, "
-                      f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+                      f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+        console.print(peak.line())
         if args.only != "throughput":
-            results = latency_table(module, int8, images[:1], eos, args, console)
-            console.print({k: round(v, 3) for k, v in results.items()})
+            results = latency_table(module, int8, images[:1], eos, args, console, peak)
+            console.print({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()})
+            console.print(f"target: ours fp32 beam 5 <= 0.7x HF generate fp32 with the same tokens -> {results['beam/fp32_vs_hf']:.2f}x, "
+                          f"same tokens: {results['beam/fp32_same_tokens']}: {'PASS' if results['beam/fp32_vs_hf'] <= 0.7 and results['beam/fp32_same_tokens'] else 'FAIL'}")
         if args.only != "latency":
-            throughput_table(module, int8, images, eos, args, console)
+            throughput_table(module, int8, images, eos, args, console, peak)
     if args.ckpt:
         agreement(args.ckpt, console, batch_size=100)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +24,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from captioner.data.coco import load_image, load_karpathy
-from captioner.data.features import FeatureStore
-from captioner.models.encoder import ClipEncoder
+import roofline  # bench/, beside this file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's captioner, not an installed one
+from captioner.data.coco import load_image, load_karpathy  # noqa: E402
+from captioner.data.features import FeatureStore  # noqa: E402
+from captioner.models.encoder import ClipEncoder  # noqa: E402
 
 VIT_B_32 = dict(  # clip.model.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12)
     embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
@@ -92,15 +96,21 @@ def main() -> None:
     base_s, forwards, base_cpu = base_s + more_s, forwards + more_forwards, base_cpu + cpu_seconds() - cpu
 
     ours_rate, base_rate = len(records) / ours_s, len(subset) / base_s
+    peak = roofline.probe()
+    # the work of one image: a batch-1 forward (ClipCap's) and one image of a batch (ours) cost the same FLOPs
+    per_batch = roofline.measure(lambda: encoder(torch.zeros(args.batch_size, 3, 224, 224))).scaled(1 / args.batch_size)
+    per_single = roofline.measure(lambda: encoder(torch.zeros(1, 3, 224, 224)))
     table = Table(title="feature extraction, images per second (higher is better)")
-    for column in ("method", "images", "CLIP forwards", "seconds", "images/s", "vs ClipCap", "CPU s/image"):
+    for column in ("method", "images", "CLIP forwards", "seconds", "images/s", "vs ClipCap", "CPU s/image", *roofline.COLUMNS):
         table.add_column(column, justify="left" if column == "method" else "right")
     table.add_row("ClipCap: per caption, batch 1", str(len(subset)), str(forwards), f"{base_s:.1f}", f"{base_rate:.2f}", "1.0x",
-                  f"{base_cpu / len(subset):.2f}")
+                  f"{base_cpu / len(subset):.2f}", *per_single.scaled(forwards / len(subset)).cells(1 / base_rate, peak))
     table.add_row(f"ours: per image, batch {args.batch_size}, {args.workers} workers", str(len(records)), str(len(records)),
                   f"{ours_s:.1f}", f"{ours_rate:.2f}", f"{ours_rate / base_rate:.1f}x",
-                  f"{ours_cpu / len(records):.2f}")
-    Console(width=120).print(table)
+                  f"{ours_cpu / len(records):.2f}", *per_batch.cells(1 / ours_rate, peak))
+    console = Console(width=150)
+    console.print(peak.line())
+    console.print(table)
     print(f"target >= 5x: {'met' if ours_rate / base_rate >= 5 else 'NOT met'}")
 
 

@@ -19,11 +19,16 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+
+import roofline  # bench/, beside this file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's captioner, not an installed one
 
 ENCODER = dict(  # ViT-B/32's feature shapes (embed 512, 224 px, 32 px patches: 49 tokens), one thin layer
     embed_dim=512, image_resolution=224, vision_layers=1, vision_width=64, vision_patch_size=32,
@@ -72,7 +77,7 @@ def load_whole() -> None:
     FeatureStore.__init__ = in_ram
 
 
-def epoch(root: Path, splits: dict, batch_size: int) -> None:
+def epoch(root: Path, splits: dict, batch_size: int) -> float:
     """One training epoch; runs in the child process."""
     import lightning as L
 
@@ -89,8 +94,11 @@ def epoch(root: Path, splits: dict, batch_size: int) -> None:
         accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
     )
+    start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
+    seconds = time.perf_counter() - start
     assert trainer.global_step == -(-len(datamodule.datasets["train"]) // batch_size)  # the whole store was read
+    return seconds
 
 
 def peak_rss_kib() -> int:
@@ -113,8 +121,8 @@ def main() -> None:
         if args.in_ram:
             load_whole()
         state = json.loads((args.child / "splits.json").read_text())
-        epoch(args.child, state, args.batch_size)
-        print(json.dumps({"peak_rss_mib": peak_rss_kib() / 1024}))
+        seconds = epoch(args.child, state, args.batch_size)
+        print(json.dumps({"peak_rss_mib": peak_rss_kib() / 1024, "seconds": seconds}))
         return
 
     from captioner.data.synthetic import write_dataset
@@ -136,21 +144,26 @@ def main() -> None:
                 child = subprocess.run(command, capture_output=True, text=True)
                 if child.returncode:
                     sys.exit(child.stderr[-4000:])
-                peak = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_mib"]
-                results.append((method, rows, store_mib, peak))
+                reply = json.loads(child.stdout.strip().splitlines()[-1])
+                peak = reply["peak_rss_mib"]
+                results.append((method, rows, store_mib, peak, reply["seconds"]))
                 print(f"{method}, {rows} rows: store {store_mib:.0f} MiB, peak RSS {peak:.0f} MiB", flush=True)
             for store in (root / "features").iterdir():
                 for f in store.iterdir():
                     f.unlink()
 
-    table = Table(title="peak RSS of one training epoch (lower is better)")
-    for column in ("method", "store rows", "store size MiB", "peak RSS MiB", "vs same method at N"):
+    # the epoch is bound by reading the store: its share of the probed read bandwidth (the model is tiny)
+    bandwidth = roofline.probe().read_gbs
+    table = Table(title=f"peak RSS of one training epoch (lower is better); probed read bandwidth {bandwidth:.1f} GB/s")
+    for column in ("method", "store rows", "store size MiB", "peak RSS MiB", "vs same method at N", "epoch s", "store GB/s", "% of read bandwidth"):
         table.add_column(column, justify="left" if column == "method" else "right")
-    at_n = {method: peak for method, rows, _, peak in results if rows == args.rows}
-    for method, rows, store_mib, peak in sorted(results, key=lambda r: (r[0] != results[0][0], r[1])):
-        table.add_row(method, str(rows), f"{store_mib:.0f}", f"{peak:.0f}", f"{peak / at_n[method]:.2f}x")
+    at_n = {method: peak for method, rows, _, peak, _ in results if rows == args.rows}
+    for method, rows, store_mib, peak, seconds in sorted(results, key=lambda r: (r[0] != results[0][0], r[1])):
+        rate = store_mib * 2**20 / seconds / 1e9
+        table.add_row(method, str(rows), f"{store_mib:.0f}", f"{peak:.0f}", f"{peak / at_n[method]:.2f}x", f"{seconds:.1f}", f"{rate:.2f}",
+                      f"{100 * rate / bandwidth:.1f} %")
     Console(width=120).print(table)
-    ours = [peak for method, _, _, peak in results if method == results[0][0]]
+    ours = [peak for method, _, _, peak, _ in results if method == results[0][0]]
     ratio = ours[1] / ours[0]
     print(f"target 10N <= 1.2x N: {'met' if ratio <= 1.2 else 'NOT met'} ({ratio:.2f}x)")
 

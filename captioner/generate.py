@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 NEG = -1.0e9  # a score no live hypothesis reaches (transformers' beam search uses the same)
 
@@ -31,12 +32,15 @@ class Decoding:
     min_new_tokens: int = 0  # end-of-text is suppressed before this many tokens; 0 = off
     seed: int | None = None  # sample only: a seed makes sampling repeatable; None draws from torch's global generator
     engine: str = "cached"  # cached: our KV-cache loop | hf: transformers' generate
+    kv_cache: str = "preallocated"  # cached engine: preallocated (written in place) | dynamic (transformers' DynamicCache)
 
     def __post_init__(self):
         if self.strategy not in ("greedy", "beam", "sample"):
             raise ValueError(f"decoding strategy {self.strategy!r} is not one of greedy, beam, sample")
         if self.engine not in ("cached", "hf"):
             raise ValueError(f"decoding engine {self.engine!r} is not one of cached, hf")
+        if self.kv_cache not in ("preallocated", "dynamic"):
+            raise ValueError(f"decoding kv_cache {self.kv_cache!r} is not one of preallocated, dynamic")
         if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, got {self.max_new_tokens}, {self.min_new_tokens}")
         if self.num_beams < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -52,15 +56,84 @@ class Decoding:
         return {**kwargs, "do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
 
 
-def _prefill(decoder, prefix: torch.Tensor, copies: int = 1) -> tuple[torch.Tensor, DynamicCache]:
-    """Run the prefix once; (next-token logits (B*copies, V), cache with each image's rows repeated)."""
+class PreallocatedLayer(DynamicLayer):
+    """One layer's keys and values in buffers sized for the whole caption, written in place.
+
+    DynamicLayer concatenates at every step and beam search then index-selects: two fresh copies of
+    the whole cache per step, each a large allocation (page faults on CPU). Here a step writes one
+    position, and reordering beams gathers into a second buffer that is swapped in: no allocation
+    after the first step. `keys` / `values` are views of the filled part, so GPT-2's attention and
+    the mask sizes see exactly what DynamicLayer would give them."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def _view(self) -> None:
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]  # (N, H, T, d)
+
+    def _allocate(self, like: torch.Tensor, rows: int) -> None:
+        n, h, _, d = like.shape
+        shape = (rows, h, self.capacity, d)
+        self._k, self._v = like.new_empty(shape), like.new_empty(shape)
+        self._spare_k, self._spare_v = like.new_empty(shape), like.new_empty(shape)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.device, self.is_initialized = key_states.device, True
+            self._allocate(key_states, key_states.shape[0])
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions, {end} were asked for")
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self.length = end
+        self._view()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.length:
+            k, v = self.keys.repeat_interleave(repeats, dim=0), self.values.repeat_interleave(repeats, dim=0)
+            self._allocate(k, k.shape[0])
+            self._k[:, :, : self.length], self._v[:, :, : self.length] = k, v
+            self._view()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.length:
+            torch.index_select(self._k, 0, beam_idx, out=self._spare_k)
+            torch.index_select(self._v, 0, beam_idx, out=self._spare_v)
+            self._k, self._spare_k, self._v, self._spare_v = self._spare_k, self._k, self._spare_v, self._v
+            self._view()
+
+
+def preallocated_cache(capacity: int) -> DynamicCache:
+    """A DynamicCache whose layers are PreallocatedLayer(capacity)."""
     cache = DynamicCache()
+    cache.layer_class_to_replicate = lambda: PreallocatedLayer(capacity)
+    return cache
+
+
+def _prefill(decoder, prefix: torch.Tensor, copies: int = 1, capacity: int = 0) -> tuple[torch.Tensor, DynamicCache]:
+    """Run the prefix once; (next-token logits (B*copies, V), cache with each image's rows repeated).
+    `capacity` > 0: a preallocated cache of that many positions (prefix + new tokens)."""
+    cache = preallocated_cache(capacity) if capacity else DynamicCache()
     out = decoder(inputs_embeds=prefix, cache=cache, use_cache=True, logits_to_keep=1)  # lm_head on the last position only
     logits = out.logits[:, -1].float()  # (B, V)
     if copies > 1:  # beams share the prefix: compute it once, then copy its keys and values
         cache.batch_repeat_interleave(copies)
         logits = logits.repeat_interleave(copies, dim=0)  # (B*copies, V)
     return logits, cache
+
+
+def _capacity(prefix: torch.Tensor, decoding: Decoding) -> int:
+    """Positions a preallocated cache needs (0: use a DynamicCache)."""
+    return prefix.shape[1] + decoding.max_new_tokens if decoding.kv_cache == "preallocated" else 0
 
 
 def _step(decoder, tokens: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
@@ -95,7 +168,7 @@ def _greedy_or_sample(decoder, prefix: torch.Tensor, eos: int, decoding: Decodin
     generator = None
     if decoding.strategy == "sample" and decoding.seed is not None:
         generator = torch.Generator(device=prefix.device).manual_seed(decoding.seed)
-    logits, cache = _prefill(decoder, prefix)
+    logits, cache = _prefill(decoder, prefix, capacity=_capacity(prefix, decoding))
     tokens = torch.full((b, steps), eos, dtype=torch.long, device=prefix.device)
     done = torch.zeros(b, dtype=torch.bool, device=prefix.device)
     for t in range(steps):
@@ -122,7 +195,7 @@ def _beam(decoder, prefix: torch.Tensor, eos: int, decoding: Decoding) -> torch.
     b, k, steps, device = prefix.shape[0], decoding.num_beams, decoding.max_new_tokens, prefix.device
     rows = torch.arange(b, device=device)[:, None]  # (B, 1) for gathering per image
     in_top_k = torch.arange(2 * k, device=device) < k  # only the top K candidates may finish
-    logits, cache = _prefill(decoder, prefix, copies=k)  # (B*K, V)
+    logits, cache = _prefill(decoder, prefix, copies=k, capacity=_capacity(prefix, decoding))  # (B*K, V)
     vocab = logits.shape[-1]
     live_tokens = torch.full((b, k, steps), eos, dtype=torch.long, device=device)
     live_scores = torch.full((b, k), NEG, device=device)

@@ -20,6 +20,9 @@ from captioner.models.mapper import build_mapper
 from captioner.scene import scene_accuracy, scenes_of
 
 
+ADAMW = {"foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}  # torch.optim.AdamW flags
+
+
 class CaptionModule(L.LightningModule):
     def __init__(
         self,
@@ -37,6 +40,8 @@ class CaptionModule(L.LightningModule):
         val_decoding: Mapping | None = None,
         val_cider_images: int = 100,  # validation images captioned for val/cider each epoch
         seed: int = 0,
+        adamw: str = "foreach",  # foreach: one kernel per op over all tensors | fused: one kernel per step (CPU and CUDA) | loop: per tensor
+        compile: bool = False,  # torch.compile GPT-2 and the mapper before training (a GPU's switch; slow to compile on CPU)
     ):
         super().__init__()
         self.save_hyperparameters(
@@ -46,6 +51,7 @@ class CaptionModule(L.LightningModule):
                 "normalize_features": normalize_features, "encoder_precision": encoder_precision,
                 "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
                 "val_decoding": val_decoding, "val_cider_images": val_cider_images, "seed": seed,
+                "adamw": adamw, "compile": compile,
             }
         )
         self.encoder = ClipEncoder(encoder, precision=encoder_precision)  # random weights: the spec's seed, as in the store
@@ -63,6 +69,8 @@ class CaptionModule(L.LightningModule):
         )
         if freeze_decoder:
             self.decoder.requires_grad_(False)
+        if adamw not in ADAMW:
+            raise ValueError(f"adamw={adamw!r} is not one of {sorted(ADAMW)} (model.adamw)")
         self.val_decoding: Decoding = decoding_from(val_decoding)
         self._val_captions: dict[int, str] = {}
 
@@ -134,9 +142,15 @@ class CaptionModule(L.LightningModule):
         prefix = self.prefix(batch).to(self.decoder.dtype)  # (B, P, D): a bf16 GPT-2 (Captioner precision=bf16) takes bf16
         return generate(self.decoder, self.tokenizer, prefix, decoding or self.val_decoding)
 
+    def configure_model(self) -> None:
+        if self.hparams.get("compile") and self.decoder._compiled_call_impl is None:  # in place: the state dict keeps its keys
+            self.decoder.compile()
+            self.mapper.compile()
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]  # frozen weights never reach the optimizer
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        flags = ADAMW[self.hparams.get("adamw", "foreach")]  # older checkpoints have no `adamw`
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, **flags)
         total = self.trainer.estimated_stepping_batches
         scheduler = get_linear_schedule_with_warmup(optimizer, min(self.hparams.warmup_steps, total // 2), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

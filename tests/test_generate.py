@@ -125,6 +125,39 @@ def test_int8_decoder_has_no_fp32_matmuls_left_and_stays_close():
     assert (int8_logits.argmax(-1) == fp32_logits.argmax(-1)).float().mean() > 0.9
 
 
+def test_the_output_projection_is_fp16_and_the_blocks_int8():
+    int8 = quantize(peaked_gpt2(1, 2.0))
+    assert int8.lm_head._packed_params.dtype == torch.float16  # the layer that picks the token keeps more precision
+    assert int8.transformer.h[0].attn.c_attn._packed_params.dtype == torch.qint8
+    assert int8.transformer.h[1].mlp.c_proj._packed_params.dtype == torch.qint8
+
+
+@pytest.mark.parametrize("decoding", DECODINGS[:3], ids=["greedy", "beam4", "beam3-lp2"])
+def test_preallocated_cache_gives_the_dynamic_caches_tokens(decoding):
+    torch.manual_seed(7)
+    model, prefix = peaked_gpt2(3, 4.0), torch.randn(8, 5, 32) * 3
+    preallocated = generate_ids(model, Tokenizer, prefix, decoding)
+    dynamic = generate_ids(model, Tokenizer, prefix, dataclasses.replace(decoding, kv_cache="dynamic"))
+    assert preallocated == dynamic
+    assert len({len(row) for row in preallocated}) >= 2  # captions of several lengths: beams were reordered and finished
+
+
+def test_preallocated_cache_writes_in_place_and_reorders_by_swapping():
+    from captioner.generate import preallocated_cache
+
+    cache = preallocated_cache(capacity=6)
+    k = torch.arange(2 * 1 * 3 * 2, dtype=torch.float).view(2, 1, 3, 2)  # (N, H, T, d)
+    keys, _ = cache.update(k, k + 100, 0)
+    assert torch.equal(keys, k) and cache.get_seq_length() == 3
+    buffer = cache.layers[0]._k
+    keys, _ = cache.update(k[:, :, :1] * -1, k[:, :, :1], 0)
+    assert cache.layers[0]._k is buffer and keys.shape[2] == 4  # no new buffer for a step
+    cache.reorder_cache(torch.tensor([1, 1]))
+    assert torch.equal(cache.layers[0].keys[0], cache.layers[0].keys[1]) and torch.equal(cache.layers[0].keys[0, :, :3], k[1])
+    with pytest.raises(ValueError, match="holds 6 positions"):
+        cache.update(torch.zeros(2, 1, 3, 2), torch.zeros(2, 1, 3, 2), 0)
+
+
 def test_quantize_module_swaps_decoder_and_mapper_only(smoke_cfg):
     from hydra.utils import instantiate
 

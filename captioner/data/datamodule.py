@@ -109,6 +109,7 @@ class CaptionDataModule(L.LightningDataModule):
         seed: int = 0,
         bad_images: str = "stop",  # unreadable images: stop listing them, or skip them and report the count
         length_buckets: int = 0,  # k > 0: training batches of similar caption length, sorted in windows of k batches
+        pin_memory: bool = False,  # page-locked batches, which Lightning then copies to a GPU with non_blocking=True
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -186,6 +187,7 @@ class CaptionDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
             collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id),
             persistent_workers=self.hparams.num_workers > 0,
+            pin_memory=self.hparams.get("pin_memory", False),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -118,6 +118,7 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), max_batch: int =
             "images": stats.images,
             "largest_batch": stats.largest,
             "batch_sizes": stats.sizes,
+            "forward_seconds": round(stats.seconds, 6),
         }
 
     @app.post(

@@ -32,9 +32,11 @@ class BatchStats:
     images: int = 0
     largest: int = 0
     sizes: dict[int, int] = field(default_factory=dict)  # batch size -> how many batches had it
+    seconds: float = 0.0  # in forward passes, all batches together
 
-    def add(self, size: int) -> None:
+    def add(self, size: int, seconds: float = 0.0) -> None:
         self.batches += 1
+        self.seconds += seconds
         self.images += size
         self.largest = max(self.largest, size)
         self.sizes[size] = self.sizes.get(size, 0) + 1
@@ -124,7 +126,7 @@ class MicroBatcher:
                     continue
                 elapsed = time.monotonic() - began
                 self._forward = elapsed if not self._forward else 0.8 * self._forward + 0.2 * elapsed
-                self.stats.add(len(items))
+                self.stats.add(len(items), elapsed)
                 start = 0
                 for request in group:
                     if not request.future.done():  # a client that hung up cancels its future

@@ -1,0 +1,195 @@
+"""This machine's peak, probed, and each method's share of it: the roofline every bench prints.
+
+    python bench/roofline.py                 # print the probed peak (CPU, torch's thread count)
+    python bench/roofline.py --device cuda
+
+`probe()` measures what the machine can do in this process: dense matmul GFLOP/s in fp32, bf16
+(oneDNN/AMX on CPU) and dynamic int8 (fbgemm, the path captioner/quantize.py uses), and read
+bandwidth (a sum over a tensor far larger than the caches). Each is the best of a few repeats:
+a peak is what the hardware reached, and on a shared machine other processes only lower it.
+
+`Work` counts what a method asks of the machine, by running it once under a dispatch mode:
+FLOPs of every matmul, convolution and attention kernel (torch's own flop formulas), split by the
+dtype they run in, and the bytes every kernel must at least read and write (its inputs and outputs,
+each once; views move nothing): for a batch-1 decode step that is mostly GPT-2's weights, for a
+training step also the optimizer's pass over weights, gradients and moments. Its time floor is
+max(sum of FLOPs / peak of their dtype, bytes / bandwidth); `share = floor / measured seconds`
+is "how close to the limit", whichever limit binds (the bound column says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+aten = torch.ops.aten
+# CPU flash attention has no entry in torch's flop registry: q @ k^T and p @ v, and 2.5x that backward (torch's ratio)
+_CPU_SDPA = {aten._scaled_dot_product_flash_attention_for_cpu.default: 1.0,
+             aten._scaled_dot_product_flash_attention_for_cpu_backward.default: 2.5}
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}  # fp16 shares bf16's units
+
+
+@dataclass
+class Peak:
+    device: str
+    threads: int
+    gflops: dict[str, float]  # dtype -> dense matmul GFLOP/s
+    read_gbs: float  # memory read bandwidth, GB/s
+
+    def line(self) -> str:
+        rates = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in self.gflops.items())
+        where = f"{self.device}, {self.threads} threads" if self.device == "cpu" else self.device
+        return f"probed peak ({where}): {rates}; read bandwidth {self.read_gbs:,.1f} GB/s"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _best(fn, device: str, repeats: int) -> float:
+    """Fastest of `repeats` timed calls after one warm-up, in seconds."""
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def probe(device: str = "cpu", size: int = 2048, repeats: int = 5, read_mb: int = 512) -> Peak:
+    """The machine's matmul peaks and read bandwidth, measured now in this process."""
+    gflops = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        gflops[name] = 2 * size**3 / _best(lambda: torch.mm(a, b), device, repeats) / 1e9
+    if device == "cpu":  # int8 weights, activations quantised on the fly: nn.quantized.dynamic.Linear's kernel
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        with warnings.catch_warnings():  # torch.ao's deprecation notices: the kernel is the one we serve with
+            warnings.simplefilter("ignore")
+            linear = quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(size, size)), {torch.nn.Linear: per_channel_dynamic_qconfig})
+        assert isinstance(linear[0], DynamicLinear)
+        x = torch.randn(size, size)
+        gflops["int8"] = 2 * size**3 / _best(lambda: linear(x), device, repeats) / 1e9
+    big = torch.ones(read_mb * 2**20 // 4, device=device)  # far past any cache
+    read_gbs = big.numel() * 4 / _best(lambda: big.sum(), device, repeats) / 1e9
+    threads = torch.get_num_threads()
+    return Peak(torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", threads, gflops, read_gbs)
+
+
+def _nbytes(x) -> int:
+    return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+
+
+@dataclass
+class Work:
+    """FLOPs (by dtype) and minimum bytes of the matmul-like kernels a call ran."""
+
+    flops: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    bytes: float = 0.0
+
+    def scaled(self, factor: float) -> "Work":
+        """The work of `factor` such calls (per caption, per step...)."""
+        out = Work(bytes=self.bytes * factor)
+        for k, v in self.flops.items():
+            out.flops[k] = v * factor
+        return out
+
+    def total_flops(self) -> float:
+        return sum(self.flops.values())
+
+    def floor(self, peak: Peak) -> tuple[float, str]:
+        """(seconds the machine needs at least, which limit binds: compute or memory)."""
+        compute = sum(v / (peak.gflops[k] * 1e9) for k, v in self.flops.items())
+        memory = self.bytes / (peak.read_gbs * 1e9)
+        return (compute, "compute") if compute >= memory else (memory, "memory")
+
+    def share(self, seconds: float, peak: Peak) -> tuple[float, str]:
+        floor, bound = self.floor(peak)
+        return floor / seconds, bound
+
+    def cells(self, seconds: float, peak: Peak) -> list[str]:
+        """Table cells: achieved GFLOP/s, GB/s, and the share of the roofline with its bound."""
+        share, bound = self.share(seconds, peak)
+        return [f"{self.total_flops() / seconds / 1e9:,.1f}", f"{self.bytes / seconds / 1e9:,.1f}", f"{100 * share:.0f} % ({bound})"]
+
+
+COLUMNS = ("GFLOP/s", "GB/s", "% of peak (bound)")
+
+
+class count(TorchDispatchMode):
+    """`with count() as work: fn()` fills `work` (a Work) with what fn ran.
+
+    Dynamic int8 linears (quantized::linear_dynamic) count as int8 FLOPs with their int8 weight's bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.work = Work()
+
+    def __enter__(self) -> Work:
+        super().__enter__()
+        return self.work
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = getattr(func, "overloadpacket", None)
+        name = str(packet)
+        if name.startswith("quantized.linear_dynamic"):
+            x, weight = args[0], args[1].unpack()[0]  # (..., K), int8 (N, K)
+            n, k = weight.shape
+            self.work.flops["int8"] += 2 * (x.numel() // k) * n * k
+            self.work.bytes += _nbytes(x) + n * k + _nbytes(out)
+            return out
+        if packet in flop_registry or func in _CPU_SDPA:
+            if func in _CPU_SDPA:
+                q, k, v = args[:3] if func is aten._scaled_dot_product_flash_attention_for_cpu.default else args[1:4]
+                flops = _CPU_SDPA[func] * 2 * q.shape[:-2].numel() * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+            else:
+                flops = flop_registry[packet](*args, **kwargs, out_val=out)
+            self.work.flops[_DTYPES.get(args[0].dtype if func not in _CPU_SDPA or len(args) < 4 else args[1].dtype, "fp32")] += flops
+        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        storages = {a.untyped_storage().data_ptr() for a in inputs}
+        in_place = name.endswith("_") and not name.endswith("__")
+        if not in_place and outputs and all(o.untyped_storage().data_ptr() in storages for o in outputs):
+            return out  # a view (reshape, transpose, slice...): no data moves
+        # eager kernels read every input and write every output once: the least traffic they can have
+        self.work.bytes += sum(_nbytes(t) for t in inputs) + sum(_nbytes(t) for t in outputs)
+        return out
+
+
+def measure(fn) -> Work:
+    """The work of one call of `fn`."""
+    with count() as work:
+        fn()
+    return work
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(probe(args.device).line())
+
+
+if __name__ == "__main__":
+    main()
