@@ -11,8 +11,6 @@ A batch is a dict:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from captioner.data.coco import ImageRecord, load_records
-from captioner.data.features import FeatureStore, encoder_digest, identity_hash
+from captioner.data.features import FeatureStore, store_key
 from captioner.data.noise import add_noise
 from captioner.data.sampler import ResumableLoader, ResumableSampler
 from captioner.data.synthetic import write_dataset
@@ -127,10 +125,7 @@ class CaptionDataModule(L.LightningDataModule):
         world_size, barrier, device) shards extraction; under a multi-process Trainer it comes from it."""
         records = load_records(self.splits[split])
         encoder_spec = self.hparams.encoder
-        # ids and names (a replaced corrupt file resumes the same store) and the encoder: another CLIP,
-        # or a rebuilt pretrained one, gets a store of its own
-        identity = json.dumps([identity_hash(records), encoder_spec, encoder_digest(encoder_spec)], default=str, sort_keys=True)
-        key = hashlib.sha256(identity.encode()).hexdigest()[:12]
+        key = store_key(records, encoder_spec)
         trainer = self.trainer
         if not distributed and trainer is not None and trainer.world_size > 1:
             distributed = dict(rank=trainer.global_rank, world_size=trainer.world_size,

@@ -79,6 +79,13 @@ def encoder_digest(encoder_spec) -> str | None:
     return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 
+def store_key(records: Sequence[ImageRecord], encoder_spec) -> str:
+    """The name of a split's store in the cache directory: image ids and names (a replaced corrupt file
+    resumes the same store) and the encoder (another CLIP, or a rebuilt pretrained one, gets its own)."""
+    identity = json.dumps([identity_hash(records), encoder_spec, encoder_digest(encoder_spec)], default=str, sort_keys=True)
+    return hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
 def _plain(value):
     if isinstance(value, Mapping):
         return dict(value)
