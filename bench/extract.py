@@ -23,8 +23,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from captioner.data.coco import load_image, load_karpathy
-from captioner.data.features import FeatureStore
+from captioner.data.coco import load_karpathy
+from captioner.data.extraction import open_or_extract
+from captioner.data.images import load_image
 from captioner.models.encoder import ClipEncoder
 
 VIT_B_32 = dict(  # clip.model.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12)
@@ -42,7 +43,7 @@ def cpu_seconds() -> float:
 def ours(records, encoder: ClipEncoder, batch_size: int, workers: int) -> float:
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
-        store = FeatureStore.open_or_extract(
+        store = open_or_extract(
             Path(directory) / "store", records, lambda: encoder, VIT_B_32, "bench",
             batch_size=batch_size, num_workers=workers, dtype="fp16", tokens=True,
         )

@@ -6,6 +6,8 @@ works without Hydra and the saved hyperparameters describe the model.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Mapping
 
 import lightning as L
@@ -14,9 +16,14 @@ import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
 from captioner.generate import Decoding, decoding_from, generate
+from captioner.metrics import report
 from captioner.models.decoder import load_gpt2, load_tokenizer
 from captioner.models.encoder import ClipEncoder
 from captioner.models.mapper import build_mapper
+
+# Lightning 2.6's pytree helper still builds torch's deprecated LeafSpec on every batch it moves
+warnings.filterwarnings("ignore", message=re.escape("`isinstance(treespec, LeafSpec)` is deprecated"), category=FutureWarning,
+                        module=r"lightning\.pytorch\.utilities\._pytree")
 
 
 class CaptionModule(L.LightningModule):
@@ -73,6 +80,13 @@ class CaptionModule(L.LightningModule):
             self.decoder.eval()
         return self
 
+    def on_fit_start(self) -> None:
+        # Lightning warns about every module in eval mode when training starts; ours are the frozen parts,
+        # on purpose. Only that exact count is silenced: any other module left in eval mode still warns.
+        frozen = [self.encoder, *([self.decoder] if self.hparams.freeze_decoder else [])]
+        count = sum(1 for part in frozen for _ in part.modules())
+        warnings.filterwarnings("ignore", message=re.escape(f"Found {count} module(s) in eval mode at the start of training."))
+
     def features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The mapper's input from a batch with `pixels` or precomputed CLIP features."""
         key = self.mapper.input_key
@@ -113,10 +127,8 @@ class CaptionModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if not captions or datamodule is None or self.trainer.sanity_checking:
             return
-        from captioner.metrics import score
-
         references = datamodule.references("val")
-        scores = score({i: references[i] for i in captions}, captions, meteor=False)
+        scores = report({i: references[i] for i in captions}, captions, meteor=False, human=False).model
         self.log("val/cider", scores["CIDEr"], prog_bar=True)
         self.log("val/bleu4", scores["Bleu_4"])
         self.val_samples = [(i, captions[i], references[i]) for i in list(captions)[:8]]

@@ -11,8 +11,8 @@ from hydra.utils import instantiate
 
 from captioner.api import Captioner
 from captioner.data.noise import add_noise
-from captioner.evaluate import caption_split
 from captioner.generate import Decoding
+from captioner.results import caption_split
 
 
 @pytest.mark.parametrize("variance,rate", [(0.016, 1.0), (0.016, 0.1), (0.05, 0.5)])

@@ -64,6 +64,9 @@ def load_gpt2(spec: str | Mapping, tokenizer: PreTrainedTokenizerBase, seed: int
         model = GPT2LMHeadModel.from_pretrained(Path(spec).expanduser())
     else:
         model = _from_hub(GPT2LMHeadModel.from_pretrained, spec, "model.decoder", "GPT-2", "config.json")
+    # GPT2LMHeadModel's class name names no loss in transformers' LOSS_MAPPING, which then warns on every
+    # run that it falls back to the causal-LM loss: say that loss outright (the same loss, no warning)
+    model.loss_type = "ForCausalLM"
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"decoder {spec!r} has {model.config.vocab_size} embeddings but the tokenizer has {vocab_size} tokens")
     return model
