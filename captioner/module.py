@@ -17,7 +17,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from captioner.generate import Decoding, decoding_from, generate
 from captioner.metrics import report
-from captioner.models.decoder import load_gpt2, load_tokenizer
+from captioner.models.decoder import load_gpt2, load_tokenizer, tokenizer_files
 from captioner.models.encoder import ClipEncoder
 from captioner.models.mapper import build_mapper
 
@@ -136,6 +136,10 @@ class CaptionModule(L.LightningModule):
     def caption_features(self, batch: Mapping[str, torch.Tensor], decoding: Decoding | None = None) -> list[str]:
         prefix = self.prefix(batch).to(self.decoder.dtype)  # (B, P, D): a bf16 GPT-2 (Captioner precision=bf16) takes bf16
         return generate(self.decoder, self.tokenizer, prefix, decoding or self.val_decoding)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the tokenizer's files travel with the weights: the checkpoint captions after data/ is gone
+        checkpoint["tokenizer_files"] = tokenizer_files(self.hparams.tokenizer, self.tokenizer)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]  # frozen weights never reach the optimizer
