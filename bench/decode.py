@@ -179,7 +179,8 @@ def agreement(ckpt: str, console: Console, batch_size: int) -> None:
     """Share of test images whose int8 (and bf16) caption equals the fp32 caption, trained model, CPU.
     Captions come from the stored CLIP features, as in evaluation: bf16 here is GPT-2's precision."""
     from captioner.api import Captioner
-    from captioner.evaluate import caption_split, datamodule_for
+    from captioner.evaluate import datamodule_for
+    from captioner.results import caption_split
 
     exact = Captioner.from_pretrained(ckpt)
     reduced = {"int8": Captioner.from_pretrained(ckpt, int8=True), "bf16": Captioner.from_pretrained(ckpt, precision="bf16")}

@@ -27,8 +27,9 @@ from rich.table import Table
 import roofline  # bench/, beside this file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's captioner, not an installed one
-from captioner.data.coco import load_image, load_karpathy  # noqa: E402
-from captioner.data.features import FeatureStore  # noqa: E402
+from captioner.data.coco import load_karpathy  # noqa: E402
+from captioner.data.extraction import open_or_extract  # noqa: E402
+from captioner.data.images import load_image  # noqa: E402
 from captioner.models.encoder import ClipEncoder  # noqa: E402
 
 VIT_B_32 = dict(  # clip.model.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12)
@@ -46,7 +47,7 @@ def cpu_seconds() -> float:
 def ours(records, encoder: ClipEncoder, batch_size: int, workers: int) -> float:
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
-        store = FeatureStore.open_or_extract(
+        store = open_or_extract(
             Path(directory) / "store", records, lambda: encoder, VIT_B_32, "bench",
             batch_size=batch_size, num_workers=workers, dtype="fp16", tokens=True,
         )

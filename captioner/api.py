@@ -19,14 +19,10 @@ import torch
 from PIL import Image
 
 from captioner import checkpoint, quantize
-from captioner.data.coco import load_image, upright_rgb
+from captioner.data.images import ImageLike, to_pil
 from captioner.generate import Decoding, decoding_from, generate
 from captioner.models.encoder import DTYPES, dtype_of
 from captioner.models.mapper import AttentionMapper, attention_grid
-
-ImageLike = str | Path | Image.Image | torch.Tensor
-# CLIP resizes the short side to its resolution: a 50000x1 image would become 11 million x 224
-MAX_ASPECT = 50
 
 
 @dataclass(frozen=True)
@@ -41,33 +37,6 @@ def load_module(path: str | Path):
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist: pass a .ckpt file from a run's checkpoints/ folder")
     return checkpoint.load_module(path)
-
-
-def to_pil(image: ImageLike) -> Image.Image:
-    """Upright RGB from a path (any format PIL reads), a PIL image, or an image tensor.
-
-    A tensor is an image as torchvision reads it: (C, H, W) with C = 1 or 3, uint8 in [0, 255] or
-    float in [0, 1], at any size; it is resized and normalised like a file."""
-    if isinstance(image, (str, Path)):
-        return check_aspect(load_image(image), image)
-    if isinstance(image, Image.Image):
-        return check_aspect(upright_rgb(image), "image")
-    if isinstance(image, torch.Tensor):
-        from torchvision.transforms.functional import to_pil_image
-
-        if image.dim() != 3 or image.shape[0] not in (1, 3):
-            raise ValueError(f"an image tensor must be (C, H, W) with C = 1 or 3, got shape {tuple(image.shape)}")
-        if image.is_floating_point() and (image.min() < 0 or image.max() > 1):
-            raise ValueError("a float image tensor must hold values in [0, 1] (or pass uint8 in [0, 255])")
-        return check_aspect(to_pil_image(image.cpu()).convert("RGB"), "tensor")
-    raise TypeError(f"cannot caption a {type(image).__name__}: pass a path, a PIL image or a (C, H, W) tensor")
-
-
-def check_aspect(image: Image.Image, name) -> Image.Image:
-    w, h = image.size
-    if max(w, h) > MAX_ASPECT * min(w, h):
-        raise ValueError(f"{name}: {w}x{h} is too elongated to caption (aspect ratio over {MAX_ASPECT}:1); crop it")
-    return image
 
 
 def _as_list(images) -> tuple[list, bool]:

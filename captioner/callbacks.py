@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from captioner.data.sampler import ResumableLoader
+from captioner.data.sampler import ResumableLoader, ResumableSampler
 
 
 class ResumeState(L.Callback):
@@ -17,10 +17,18 @@ class ResumeState(L.Callback):
 
     - the global torch/numpy/Python random state (training noise continues the same stream), saved as
       plain tensors and ints so the checkpoint still loads with `weights_only=True`;
-    - the training loader's position (data/sampler.py). Lightning builds the train loader before it
-      restores loop state when `configure_optimizers` asks for `estimated_stepping_batches`, so the
-      saved position would be dropped and the epoch restarted from its first batch; here it is applied
-      once training starts, and the iterator (with its prefetched batch) is made again from there."""
+    - the training loader's position (data/sampler.py): counted here as batches reach the model (not
+      as the loader yields them: Lightning prefetches one). Lightning saves it through the loader's
+      public `state_dict()`, but it builds the train loader, and draws its first batch, before it
+      restores loop state when `configure_optimizers` asks for `estimated_stepping_batches`: the saved
+      position would be dropped and the epoch restarted from its first batch. Lightning 2.6 has no
+      public hook between the two, so the pending state is read from the fit loop once training
+      starts, and the iterator (with its prefetched batch) is made again from there."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        if isinstance(sampler, ResumableSampler):
+            sampler.consumed += 1  # the resume position: batches the model received
 
     def on_train_start(self, trainer, module) -> None:
         loader, fit_loop = trainer.train_dataloader, trainer.fit_loop

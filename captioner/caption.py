@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch  # imported here so that --help and argument errors answer at once
 
-    from captioner.api import Captioner, to_pil
+    from captioner.api import Captioner
+    from captioner.data.images import to_pil
     from captioner.generate import Decoding
 
     captioner = Captioner.from_pretrained(args.ckpt, device=args.device, int8=args.int8, precision=args.precision)

@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from captioner.models.decoder import write_tokenizer
+from captioner.module import CaptionModule
+
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
@@ -81,8 +84,6 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> s
 
 
 def _module_from_hparams(hparams: dict, overrides: dict):
-    from captioner.module import CaptionModule
-
     return CaptionModule(**{**hparams, **overrides})
 
 
@@ -97,7 +98,10 @@ def load_module(path: str | os.PathLike, map_location="cpu", **overrides):
     checkpoint = read_checkpoint(path, map_location)
     if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ValueError(f"{path} is not a captioner Lightning checkpoint (no state_dict / hyper_parameters)")
-    module = _module_from_hparams(dict(checkpoint["hyper_parameters"]), overrides)
+    hparams = dict(checkpoint["hyper_parameters"])
+    if checkpoint.get("tokenizer_files") and "tokenizer" not in overrides:  # carried by CaptionModule.on_save_checkpoint
+        hparams["tokenizer"] = str(write_tokenizer(checkpoint["tokenizer_files"]))
+    module = _module_from_hparams(hparams, overrides)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
 

@@ -69,10 +69,17 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+USAGE = "usage: python -m captioner.export ckpt=outputs/.../checkpoints/last.ckpt [out=DIR]"
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
-    if "ckpt" not in args or set(args) - {"ckpt", "out"}:
-        raise SystemExit("usage: python -m captioner.export ckpt=outputs/.../checkpoints/last.ckpt [out=DIR]")
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"{USAGE}\n\n{__doc__}")
+        return
+    args = dict(a.split("=", 1) for a in argv if "=" in a)
+    if "ckpt" not in args or set(args) - {"ckpt", "out"} or len(args) != len(argv):
+        raise SystemExit(USAGE)
     out = export(args["ckpt"], args.get("out"))
     size = (out / WEIGHTS).stat().st_size / 2**20
     print(f"exported {args['ckpt']} -> {out} ({WEIGHTS}: {size:.1f} MiB, {CONFIG}, tokenizer/)")

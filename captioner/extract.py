@@ -9,19 +9,15 @@ process per device: each encodes a shard of the images and rank 0 merges the sha
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-import captioner.train  # noqa: F401 - registers the run_id resolver used by the Hydra config
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from captioner.config import hydra_main
 
 
 def fabric_for(trainer_cfg: DictConfig) -> L.Fabric:
@@ -56,7 +52,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     return stores
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
+@hydra_main("extract")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -6,7 +6,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from captioner.data.coco import load_image
+from captioner.data.images import load_image
 
 
 def caption_grid(

@@ -5,6 +5,10 @@ official scorer runs on the tokenized text, images in the references' order. The
 starts a Java process (~7 s), so one instance is kept per process. SPICE runs only when its
 Stanford CoreNLP jars are already installed: pycocoevalcap's own `Spice()` would start a download.
 
+One public entry, `report(references, captions, ...)`, returns a `Report`: the model's corpus and
+per-image scores, the human baselines when asked, and `to_dict()`, the `scores.json` every entry
+point writes; further sections (e.g. another metric) go into `Report.sections`.
+
 Two comparisons with humans (K references per image):
 - standard: the model against all K references; humans by leave-one-out (reference k against the
   other K-1, averaged over k). The model has one more reference than the humans, which favours it.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import functools
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pycocoevalcap.bleu.bleu import Bleu
@@ -60,18 +65,18 @@ def _meteor():
     return Meteor()
 
 
-def tokenize(captions: Mapping[object, Sequence[str]]) -> dict[object, list[str]]:
+def _tokenize(captions: Mapping[object, Sequence[str]]) -> dict[object, list[str]]:
     """PTB-tokenize (Java) as COCOEvalCap does: {key: [caption, ...]} -> the same, tokenized."""
     if not java_available():
         raise RuntimeError("the PTB tokenizer and METEOR need Java: install a JRE (e.g. apt-get install default-jre)")
     return PTBTokenizer().tokenize({i: [{"caption": c} for c in caps] for i, caps in captions.items()})
 
 
-def metric_names(meteor: bool = True, spice: bool = False) -> list[str]:
+def _names(meteor: bool, spice: bool) -> list[str]:
     return [m for m in METRICS if (m != "METEOR" or meteor) and (m != "SPICE" or spice)]
 
 
-def evaluate_tokenized(gts: Tokens, res: Tokens, meteor: bool = True, spice: bool = False) -> tuple[dict[str, float], PerImage]:
+def _score_tokenized(gts: Tokens, res: Tokens, meteor: bool, spice: bool) -> tuple[dict[str, float], PerImage]:
     """(corpus scores, per-image scores) of tokenized candidates `res` ({id: [one caption]}) against
     references `gts`, exactly as `COCOEvalCap.evaluate` computes them."""
     gts, res = dict(gts), {i: res[i] for i in gts}  # every scorer walks the ids in gts' order
@@ -92,9 +97,6 @@ def evaluate_tokenized(gts: Tokens, res: Tokens, meteor: bool = True, spice: boo
     keep("ROUGE_L", *Rouge().compute_score(gts, res))
     keep("CIDEr", *Cider().compute_score(gts, res))
     if spice:
-        reason = spice_missing()
-        if reason:
-            raise RuntimeError(f"SPICE is unavailable: {reason}")
         from pycocoevalcap.spice.spice import Spice
 
         total, images = Spice().compute_score(gts, res)  # per-image results come in sorted id order
@@ -103,43 +105,14 @@ def evaluate_tokenized(gts: Tokens, res: Tokens, meteor: bool = True, spice: boo
     return corpus, per_image
 
 
-def score_tokenized(gts: Tokens, res: Tokens, meteor: bool = True, spice: bool = False) -> dict[str, float]:
-    """Corpus scores of tokenized candidates `res` ({id: [one caption]}) against references `gts`."""
-    return evaluate_tokenized(gts, res, meteor, spice)[0]
-
-
-def _check(references: References, results: Results | None = None) -> None:
-    if not references:
-        raise ValueError("no references to score against")
-    if results is not None:
-        missing = set(references) - set(results)
-        if missing:
-            raise ValueError(f"{len(missing)} images have references but no caption, e.g. {sorted(missing)[:5]}")
-
-
-def _tokenize_both(references: References, results: Results | None) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+def _tokenize_both(references: References, results: Results) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
     """One PTB run (one Java start) for references and results; the tokenizer works line by line,
     so this gives the same tokens as COCOEvalCap's two separate runs."""
     ids = list(references)
     captions = {("ref", i): list(references[i]) for i in ids}
-    if results is not None:
-        captions.update({("res", i): [results[i]] for i in ids})
-    tokens = tokenize(captions)
-    gts = {i: tokens[("ref", i)] for i in ids}
-    res = {i: tokens[("res", i)] for i in ids} if results is not None else {}
-    return gts, res
-
-
-def evaluate(references: References, results: Results, meteor: bool = True, spice: bool = False) -> tuple[dict[str, float], PerImage]:
-    """(corpus scores, per-image scores) of one caption per image against all its references."""
-    _check(references, results)
-    gts, res = _tokenize_both(references, results)
-    return evaluate_tokenized(gts, res, meteor, spice)
-
-
-def score(references: References, results: Results, meteor: bool = True, spice: bool = False) -> dict[str, float]:
-    """Official corpus scores of one caption per image against its references."""
-    return evaluate(references, results, meteor, spice)[0]
+    captions.update({("res", i): [results[i]] for i in ids})
+    tokens = _tokenize(captions)
+    return {i: tokens[("ref", i)] for i in ids}, {i: tokens[("res", i)] for i in ids}
 
 
 def _leave_one_out(gts: Tokens, res: Tokens | None, meteor: bool, spice: bool) -> tuple[dict[str, float], dict[str, float] | None]:
@@ -147,65 +120,91 @@ def _leave_one_out(gts: Tokens, res: Tokens | None, meteor: bool, spice: bool) -
 
     Images may have different K (COCO has a few with 6 or 7): every image takes part in rounds
     k = 0 .. min(K)-1, so each round scores every image once."""
-    rounds = min(len(caps) for caps in gts.values())
-    if rounds < 2:
-        raise ValueError("a human baseline needs at least two references per image")
-    names = metric_names(meteor, spice)
+    rounds = min(len(caps) for caps in gts.values())  # >= 2: checked by report
+    names = _names(meteor, spice)
     human = dict.fromkeys(names, 0.0)
     model = dict.fromkeys(names, 0.0) if res is not None else None
     for k in range(rounds):
         others = {i: caps[:k] + caps[k + 1 :] for i, caps in gts.items()}
         held_out = {i: [caps[k]] for i, caps in gts.items()}
-        for name, value in score_tokenized(others, held_out, meteor, spice).items():
+        for name, value in _score_tokenized(others, held_out, meteor, spice)[0].items():
             human[name] += value / rounds
         if res is not None:
-            for name, value in score_tokenized(others, res, meteor, spice).items():
+            for name, value in _score_tokenized(others, res, meteor, spice)[0].items():
                 model[name] += value / rounds
     return human, model
 
 
-def human_baseline(references: References, meteor: bool = True, spice: bool = False) -> dict[str, float]:
-    """Leave-one-out: reference k of every image is scored against the image's other references,
-    for each k; the scores are averaged over k."""
-    _check(references)
-    gts, _ = _tokenize_both(references, None)
-    return _leave_one_out(gts, None, meteor, spice)[0]
-
-
-def fair_baseline(references: References, results: Results, meteor: bool = True, spice: bool = False) -> dict[str, dict[str, float]]:
-    """{"model", "human", "percent_of_human"} with both sides scored against the same K-1 references."""
-    _check(references, results)
-    gts, res = _tokenize_both(references, results)
-    human, model = _leave_one_out(gts, res, meteor, spice)
-    return {"model": model, "human": human, "percent_of_human": percent_of(model, human)}
-
-
-def percent_of(model: Mapping[str, float], human: Mapping[str, float]) -> dict[str, float]:
+def _percent_of(model: Mapping[str, float], human: Mapping[str, float]) -> dict[str, float]:
     return {k: 100.0 * model[k] / human[k] if human[k] else float("nan") for k in model}
 
 
+@dataclass
+class Report:
+    """What `report` computed. `model` and `per_image` score the caption of each image against all
+    its K references; `human` is the leave-one-out baseline; `fair` = {"model", "human",
+    "percent_of_human"} with both sides against the same K-1 references; `unavailable` names the
+    metrics asked for that could not run, with why; `sections` holds further parts of `scores.json`."""
+
+    model: dict[str, float]
+    per_image: PerImage
+    human: dict[str, float] | None = None
+    fair: dict[str, dict[str, float]] | None = None
+    unavailable: dict[str, str] = field(default_factory=dict)
+    sections: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def percent_of_human(self) -> dict[str, float] | None:
+        return None if self.human is None else _percent_of(self.model, self.human)
+
+    def to_dict(self) -> dict:
+        """`scores.json`: {"model", "human", "percent_of_human"[, "fair"][, "unavailable"], *sections}."""
+        out: dict = {"model": self.model}
+        if self.human is not None:
+            out.update(human=self.human, percent_of_human=self.percent_of_human)
+        if self.fair is not None:
+            out["fair"] = self.fair
+        if self.unavailable:
+            out["unavailable"] = self.unavailable
+        return {**out, **self.sections}
+
+
 def report(
-    references: References, results: Results, meteor: bool = True, spice: bool = False, fair: bool = False
-) -> tuple[dict[str, dict], PerImage]:
-    """({"model", "human", "percent_of_human"[, "fair"]}, per-image scores of the model against all
-    references). "model" is against all K references, "human" by leave-one-out; with `fair`, also
-    {"fair": {"model", "human", "percent_of_human"}} where the model is scored against the same K-1
-    references as the humans. One PTB run for everything."""
-    _check(references, results)
+    references: References,
+    results: Results,
+    meteor: bool = True,
+    spice: bool | str = False,
+    human: bool = True,
+    fair: bool = False,
+) -> Report:
+    """Official scores of one caption per image (`results`) against its references.
+
+    `spice`: True (fail when it cannot run), False, or "auto" (run it when its jars and Java are
+    present, else list it in `unavailable`). `human`: also the leave-one-out baseline (needs >= 2
+    references per image); `fair`: also the fair pair. One PTB run for everything."""
+    if not references:
+        raise ValueError("no references to score against")
+    missing = set(references) - set(results)
+    if missing:
+        raise ValueError(f"{len(missing)} images have references but no caption, e.g. {sorted(missing)[:5]}")
+    if (human or fair) and min(len(caps) for caps in references.values()) < 2:
+        raise ValueError("a human baseline needs at least two references per image (or human=False)")
+    unavailable = {}
+    if spice:
+        reason = spice_missing()
+        if reason and spice is True:
+            raise RuntimeError(f"SPICE is unavailable: {reason} (or set spice=auto)")
+        if reason:
+            unavailable["SPICE"] = reason
+        spice = not reason
     gts, res = _tokenize_both(references, results)
-    model, per_image = evaluate_tokenized(gts, res, meteor, spice)
-    human, model_fair = _leave_one_out(gts, res if fair else None, meteor, spice)
-    scores: dict[str, dict] = {"model": model, "human": human, "percent_of_human": percent_of(model, human)}
-    if fair:
-        scores["fair"] = {"model": model_fair, "human": human, "percent_of_human": percent_of(model_fair, human)}
-    return scores, per_image
-
-
-def score_with_human(
-    references: References, results: Results, meteor: bool = True, spice: bool = False, fair: bool = False
-) -> dict[str, dict]:
-    """The scores of `report`, without the per-image ones."""
-    return report(references, results, meteor, spice, fair)[0]
+    model, per_image = _score_tokenized(gts, res, meteor, spice)
+    out = Report(model, per_image, unavailable=unavailable)
+    if human or fair:
+        out.human, model_fair = _leave_one_out(gts, res if fair else None, meteor, spice)
+        if fair:
+            out.fair = {"model": model_fair, "human": out.human, "percent_of_human": _percent_of(model_fair, out.human)}
+    return out
 
 
 def table(scores: Mapping[str, Mapping[str, float]], title: str = "scores"):

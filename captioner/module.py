@@ -6,6 +6,8 @@ works without Hydra and the saved hyperparameters describe the model.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Mapping
 
 import lightning as L
@@ -14,13 +16,18 @@ import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
 from captioner.generate import Decoding, decoding_from, generate
-from captioner.models.decoder import load_gpt2, load_tokenizer
+from captioner.metrics import report
+from captioner.models.decoder import load_gpt2, load_tokenizer, tokenizer_files
 from captioner.models.encoder import ClipEncoder
 from captioner.models.mapper import build_mapper
 from captioner.scene import scene_accuracy, scenes_of
 
 
 ADAMW = {"foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}  # torch.optim.AdamW flags
+
+# Lightning 2.6's pytree helper still builds torch's deprecated LeafSpec on every batch it moves
+warnings.filterwarnings("ignore", message=re.escape("`isinstance(treespec, LeafSpec)` is deprecated"), category=FutureWarning,
+                        module=r"lightning\.pytorch\.utilities\._pytree")
 
 
 class CaptionModule(L.LightningModule):
@@ -82,6 +89,13 @@ class CaptionModule(L.LightningModule):
             self.decoder.eval()
         return self
 
+    def on_fit_start(self) -> None:
+        # Lightning warns about every module in eval mode when training starts; ours are the frozen parts,
+        # on purpose. Only that exact count is silenced: any other module left in eval mode still warns.
+        frozen = [self.encoder, *([self.decoder] if self.hparams.freeze_decoder else [])]
+        count = sum(1 for part in frozen for _ in part.modules())
+        warnings.filterwarnings("ignore", message=re.escape(f"Found {count} module(s) in eval mode at the start of training."))
+
     def features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The mapper's input from a batch with `pixels` or precomputed CLIP features."""
         key = self.mapper.input_key
@@ -122,10 +136,8 @@ class CaptionModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if not captions or datamodule is None or self.trainer.sanity_checking:
             return
-        from captioner.metrics import score
-
         references = datamodule.references("val")
-        scores = score({i: references[i] for i in captions}, captions, meteor=False)
+        scores = report({i: references[i] for i in captions}, captions, meteor=False, human=False).model
         self.log("val/cider", scores["CIDEr"], prog_bar=True)
         self.log("val/bleu4", scores["Bleu_4"])
         scenes = self._scenes(datamodule)
@@ -146,6 +158,9 @@ class CaptionModule(L.LightningModule):
         if self.hparams.get("compile") and self.decoder._compiled_call_impl is None:  # in place: the state dict keeps its keys
             self.decoder.compile()
             self.mapper.compile()
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the tokenizer's files travel with the weights: the checkpoint captions after data/ is gone
+        checkpoint["tokenizer_files"] = tokenizer_files(self.hparams.tokenizer, self.tokenizer)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]  # frozen weights never reach the optimizer

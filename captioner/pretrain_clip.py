@@ -6,18 +6,13 @@ any COCO-format or custom training split and any CLIP size through `conf/pretrai
 
 from __future__ import annotations
 
-import os
-
-import hydra
 from omegaconf import DictConfig
 
-from captioner import resolvers  # noqa: F401 - the run_id resolver of conf/hydra
+from captioner.config import hydra_main
 from captioner.pretraining import run_steps
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain_clip")
+@hydra_main("pretrain_clip")
 def main(cfg: DictConfig) -> None:
     run_steps(cfg, ["clip"])
 

@@ -6,18 +6,13 @@ the captions of any training split and any GPT-2 size through `conf/pretrain_lm.
 
 from __future__ import annotations
 
-import os
-
-import hydra
 from omegaconf import DictConfig
 
-from captioner import resolvers  # noqa: F401 - the run_id resolver of conf/hydra
+from captioner.config import hydra_main
 from captioner.pretraining import run_steps
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain_lm")
+@hydra_main("pretrain_lm")
 def main(cfg: DictConfig) -> None:
     run_steps(cfg, ["tokenizer", "lm"])
 

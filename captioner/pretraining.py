@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from captioner.data.coco import ImageRecord, load_records
-from captioner.data.datamodule import collate
+from captioner.data.dataset import collate
 from captioner.data.pairs import CaptionTexts, ImageCaptionPairs, pairs_hash
 
 MANIFEST_VERSION = 1

@@ -5,17 +5,13 @@ The model is loaded once; concurrent requests are micro-batched into one forward
 
 from __future__ import annotations
 
-import os
-
-import hydra
 import torch
 import uvicorn
 from omegaconf import DictConfig
 
 from captioner.api import Captioner
+from captioner.config import hydra_main
 from captioner.web.app import Limits, create_app
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def build_app(cfg: DictConfig):
@@ -25,7 +21,7 @@ def build_app(cfg: DictConfig):
     return create_app(captioner, Limits(**cfg.limits), max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+@hydra_main("serve")
 def main(cfg: DictConfig) -> None:
     app = build_app(cfg)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import time
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -19,23 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from captioner.api import Captioner
 from captioner.checkpoint import read_checkpoint, resolve_ckpt_path
-from captioner.evaluate import add_scene_accuracy, caption_split, print_scores, score_split, write_results
+from captioner.config import hydra_main
 from captioner.generate import decoding_from
 from captioner.grid import caption_grid
+from captioner.loggers import configure_wandb
 from captioner.pretraining import prepare as prepare_pretrained
-
-# a random suffix keeps two runs started in the same second in different directories
-OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub retries: absent weights fail at once (models/hub.py)
-
-
-def configure_wandb() -> None:
-    """Offline unless the user chose a mode or has credentials."""
-    if "WANDB_MODE" in os.environ:
-        return
-    logged_in = "WANDB_API_KEY" in os.environ or (Path.home() / ".netrc").exists() and "api.wandb.ai" in (Path.home() / ".netrc").read_text()
-    if not logged_in:
-        os.environ["WANDB_MODE"] = "offline"
+from captioner.results import print_scores, score_split, write_results
 
 
 def run(cfg: DictConfig) -> dict:
@@ -64,18 +50,17 @@ def run(cfg: DictConfig) -> dict:
         if best:
             module.load_state_dict(read_checkpoint(best)["state_dict"])
         datamodule.setup("test")
-        captions = caption_split(Captioner(module, module.device), datamodule, "test", decoding_from(cfg.test_decoding))
-        scores = score_split(datamodule.references("test"), captions, meteor=cfg.score_meteor, fair=True)
-        add_scene_accuracy(scores, datamodule.splits["test"], captions)
+        captioner = Captioner(module, module.device)
+        captions, scores = score_split(captioner, datamodule, "test", decoding_from(cfg.test_decoding), meteor=cfg.score_meteor, fair=True)
         write_results(output_dir, "test", captions, scores)
         print_scores(scores, f"test split: {len(captions)} images ({output_dir})")
         shown = datamodule.records["test"][:12]
         caption_grid([r.path for r in shown], [captions[r.image_id] for r in shown], output_dir / "samples_test.png",
                      references=[r.captions[0] for r in shown])
-        metrics.update({f"test/{k}": v for k, v in scores["model"].items()})
-        metrics.update({f"test/fair_percent_of_human_{k}": v for k, v in scores["fair"]["percent_of_human"].items()})
-        if "scene" in scores:
-            metrics["test/scene_accuracy"] = scores["scene"]["accuracy"]
+        metrics.update({f"test/{k}": v for k, v in scores.model.items()})
+        metrics.update({f"test/fair_percent_of_human_{k}": v for k, v in scores.fair["percent_of_human"].items()})
+        if "scene" in scores.sections:
+            metrics["test/scene_accuracy"] = scores.sections["scene"]["accuracy"]
     for logger in loggers:
         logger.finalize("success")
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
@@ -86,7 +71,7 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra_main("train")
 def main(cfg: DictConfig) -> float | None:
     metrics = run(cfg)
     if HydraConfig.get().mode.name == "MULTIRUN":

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-import captioner.train  # noqa: E402,F401 - registers the run_id resolver used by the Hydra config
+import captioner.config  # noqa: E402,F401 - the run_id resolver and the config schemas (ConfigStore)
 
 
 def compose_train(output_dir: Path, data_dir: Path, overrides: list[str] = ()) -> DictConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import sync_playwright  # a declared dev dependency: its absence is a broken install
 
 from conftest import ROOT
 from test_serve import captioner, server  # noqa: F401 - fixtures: the app under uvicorn on a free port
@@ -27,7 +28,6 @@ SCREENSHOT = ROOT / "outputs" / "screenshots" / "browser.png"
 def test_upload_a_photo_and_see_its_caption(server, captioner, coco_mini):  # noqa: F811
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium is absent: apt-get install chromium chromium-driver")
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
     photo = sorted((coco_mini / "images" / "val2017").glob("*.jpg"))[0]
     with sync_playwright() as playwright:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.data.coco import load_coco, load_custom, load_image, load_karpathy, load_records, random_split
+from captioner.data.coco import load_coco, load_custom, load_karpathy, load_records, random_split
+from captioner.data.images import load_image
 
 GRAYSCALE_ID = 431848  # coco_mini's one grayscale (mode "L") photo
 

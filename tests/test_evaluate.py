@@ -13,7 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from captioner import metrics
-from captioner.evaluate import load_results, run, score_results_file
+from captioner.evaluate import run
+from captioner.results import load_results, score_results_file
 from conftest import CONF, ROOT
 
 COCO_METRICS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
@@ -136,11 +137,8 @@ def test_spice_without_its_jars_is_reported_unavailable_never_downloaded(monkeyp
 
     monkeypatch.setattr(spice, "get_stanford_models", download)
     monkeypatch.setattr(metrics, "spice_missing", lambda: "jars absent")
-    from captioner import evaluate
-
-    monkeypatch.setattr(evaluate, "spice_missing", lambda: "jars absent")
     with pytest.raises(RuntimeError, match="SPICE is unavailable: jars absent"):
-        evaluate.evaluate_captions({1: ["a cat", "a cat sits"]}, {1: "a cat"}, meteor=False, spice=True)
+        metrics.report({1: ["a cat", "a cat sits"]}, {1: "a cat"}, meteor=False, spice=True)
 
 
 @pytest.mark.java

@@ -69,3 +69,25 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused_and_nothing_runs(trained
     assert not marker.exists()
     assert not (tmp_path / "export").exists()
     assert read_checkpoint(trained[0])["global_step"] == 2  # our own checkpoints pass the same check
+
+
+def test_a_copied_checkpoint_captions_with_the_data_folder_deleted(tmp_path):
+    import shutil
+
+    from captioner.api import Captioner
+    from captioner.data.images import load_image
+
+    data = tmp_path / "data"  # this run's own data/: the embedded dataset and the tokenizer trained on it
+    run(compose_train(tmp_path / "run", data, ["experiment=smoke", "score=false"]))
+    tokenizer_dir = data / "synthetic_smoke" / "tokenizer"
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["hyper_parameters"]["tokenizer"] == str(tokenizer_dir)
+    image = load_image(next((data / "synthetic_smoke" / "images" / "test").glob("*.png")))
+    expected = Captioner.from_pretrained(tmp_path / "run" / "checkpoints" / "last.ckpt").caption(image)
+
+    elsewhere = tmp_path / "elsewhere" / "model.ckpt"
+    elsewhere.parent.mkdir()
+    shutil.copy(tmp_path / "run" / "checkpoints" / "last.ckpt", elsewhere)
+    shutil.rmtree(data)
+    shutil.rmtree(tmp_path / "run")
+    assert not tokenizer_dir.exists()
+    assert Captioner.from_pretrained(elsewhere).caption(image) == expected

@@ -19,9 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.data.coco import ImageRecord, load_image, load_karpathy
-from captioner.data.datamodule import CaptionDataModule, collate
-from captioner.data.features import BadImagesError, FeatureStore, StaleStoreError
+from captioner.data.coco import ImageRecord, load_karpathy
+from captioner.data.images import load_image
+from captioner.data.datamodule import CaptionDataModule
+from captioner.data.dataset import collate
+from captioner.data.extraction import BadImagesError, open_or_extract
+from captioner.data.features import FeatureStore
+from captioner.data.manifest import StaleStoreError
 from captioner.models.encoder import ClipEncoder
 from conftest import ROOT
 from test_coco import GRAYSCALE_ID, karpathy_file
@@ -45,7 +49,7 @@ def make_images(folder: Path, count: int, size: int = 24, first_id: int = 1) -> 
 
 def extract(directory: Path, records, spec=TINY_CLIP, encoder_factory=None, **options) -> FeatureStore:
     options = {"batch_size": 4, "dtype": "fp32", "tokens": True, **options}
-    return FeatureStore.open_or_extract(directory, records, encoder_factory or partial(ClipEncoder, spec), spec, "train", **options)
+    return open_or_extract(directory, records, encoder_factory or partial(ClipEncoder, spec), spec, "train", **options)
 
 
 class CountingEncoder(ClipEncoder):
@@ -83,7 +87,7 @@ KILLABLE = """
 import json, sys, time
 from functools import partial
 from captioner.data.coco import load_records
-from captioner.data.features import FeatureStore
+from captioner.data.extraction import open_or_extract
 from captioner.models.encoder import ClipEncoder
 
 class SlowEncoder(ClipEncoder):  # stands in for a long GPU extraction: leaves time to kill it mid-way
@@ -92,7 +96,7 @@ class SlowEncoder(ClipEncoder):  # stands in for a long GPU extraction: leaves t
         return super().forward(pixels)
 
 spec, records = json.loads(sys.argv[1]), load_records(json.loads(sys.argv[2]))
-FeatureStore.open_or_extract(sys.argv[3], records, partial(SlowEncoder, spec), spec, "train", batch_size=4, dtype="fp16")
+open_or_extract(sys.argv[3], records, partial(SlowEncoder, spec), spec, "train", batch_size=4, dtype="fp16")
 """
 
 

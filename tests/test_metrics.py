@@ -42,21 +42,23 @@ def test_fair_baseline_equals_direct_pycocoevalcap_calls():
         for name, value in direct_scores(others, res).items():
             model[name] = model.get(name, 0.0) + value / 3
 
-    scores = metrics.score_with_human(REFERENCES, RESULTS, meteor=False, fair=True)
+    scores = metrics.report(REFERENCES, RESULTS, meteor=False, fair=True).to_dict()
     fair = scores["fair"]
     assert fair["model"] == pytest.approx(model, abs=1e-12)
     assert fair["human"] == pytest.approx(human, abs=1e-12)
     assert fair["percent_of_human"]["CIDEr"] == pytest.approx(100 * model["CIDEr"] / human["CIDEr"])
-    assert scores["human"] == fair["human"] == pytest.approx(metrics.human_baseline(REFERENCES, meteor=False), abs=1e-12)
+    assert scores["human"] == fair["human"] == pytest.approx(human, abs=1e-12)
     assert scores["model"] == pytest.approx(direct_scores(gts, res), abs=1e-12)  # standard: all three references
     # the standard setting counts the copied reference as a perfect match; the fair one cannot
     assert scores["model"]["Bleu_4"] > fair["model"]["Bleu_4"]
-    assert metrics.fair_baseline(REFERENCES, RESULTS, meteor=False) == fair
+    assert list(scores) == ["model", "human", "percent_of_human", "fair"]  # what scores.json holds, in this order
 
 
 @pytest.mark.java
 def test_per_image_scores_average_to_the_corpus_score():
-    corpus, per_image = metrics.evaluate(REFERENCES, RESULTS, meteor=False)
+    scores = metrics.report(REFERENCES, RESULTS, meteor=False, human=False)
+    corpus, per_image = scores.model, scores.per_image
+    assert scores.human is None and scores.fair is None and "human" not in scores.to_dict()
     assert set(per_image) == {1, 2}
     assert (per_image[1]["CIDEr"] + per_image[2]["CIDEr"]) / 2 == pytest.approx(corpus["CIDEr"])
     assert per_image[1]["Bleu_1"] == pytest.approx(1.0) and per_image[2]["Bleu_1"] < 0.5
@@ -64,9 +66,9 @@ def test_per_image_scores_average_to_the_corpus_score():
 
 def test_scores_need_a_caption_for_every_image_and_two_references():
     with pytest.raises(ValueError, match="no caption"):
-        metrics.score(REFERENCES, {1: "a dog"}, meteor=False)
+        metrics.report(REFERENCES, {1: "a dog"}, meteor=False)
     with pytest.raises(ValueError, match="at least two references"):
-        metrics._leave_one_out({1: ["a dog"]}, None, meteor=False, spice=False)
+        metrics.report({1: ["a dog"]}, {1: "a dog"}, meteor=False)
 
 
 def test_spice_is_detected_by_its_jars_without_a_download(tmp_path, monkeypatch):

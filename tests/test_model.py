@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from hydra.utils import instantiate
 
-from captioner.data.datamodule import collate
+from captioner.data.dataset import collate
 
 
 def build(smoke_cfg, *overrides):

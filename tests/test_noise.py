@@ -11,8 +11,8 @@ from hydra.utils import instantiate
 
 from captioner.api import Captioner
 from captioner.data.noise import add_noise
-from captioner.evaluate import caption_split
 from captioner.generate import Decoding
+from captioner.results import caption_split
 
 
 @pytest.mark.parametrize("variance,rate", [(0.016, 1.0), (0.016, 0.1), (0.05, 0.5)])
@@ -27,14 +27,17 @@ def test_injected_noise_has_the_configured_mean_variance_and_share(variance, rat
 
 def test_capdec_normalises_before_and_after():
     x = torch.randn(4000, 512) * 7
+    before = x.clone()
     g = torch.Generator().manual_seed(0)
     noisy = add_noise(x, 0.016, 1.0, normalize=True, generator=g)
+    assert torch.equal(x, before)  # the input is left as it was
     assert torch.allclose(noisy.norm(dim=-1), torch.ones(4000), atol=1e-5)
     # unit x plus N(0, s2) in each of E dims has squared norm ~ 1 + E*s2, so cos(noisy, x) ~ 1/sqrt(1 + E*s2):
     # 0.33 for s2 = 0.016, E = 512; a std of 0.016 (a classic slip) would give 0.97
     cos = torch.nn.functional.cosine_similarity(noisy, x, dim=-1).mean().item()
     assert abs(cos - 1 / math.sqrt(1 + 512 * 0.016)) < 0.01
-    assert torch.equal(x, x.clone())  # the input is left as it was
+    add_noise(x, 0.016, 0.5, normalize=False, generator=g)
+    assert torch.equal(x, before)  # raw features too
     assert torch.allclose(add_noise(x, 0.0, 1.0), torch.nn.functional.normalize(x, dim=-1))
 
 

@@ -10,7 +10,9 @@ import torch
 from hydra.utils import instantiate
 
 from captioner.data.text import TextCaptionDataModule
+from captioner.metrics import report
 from captioner.models.encoder import ClipEncoder
+from captioner.results import load_references
 from captioner.train import run
 from conftest import compose_train
 
@@ -29,8 +31,10 @@ def test_text_only_run_trains_on_captions_and_scores_test_images(text_root, tmp_
     metrics = run(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     scores = json.loads((tmp_path / "run" / "scores.json").read_text())
-    assert scores["model"]["CIDEr"] >= 0 and "Bleu_4" in scores["model"]
     captions = json.loads((tmp_path / "run" / "captions_test.json").read_text())
+    references = load_references(text_root / "synthetic_smoke" / "annotations" / "captions_test.json")
+    rescored = report(references, {c["image_id"]: c["caption"] for c in captions}, meteor=False)
+    assert scores["model"] == pytest.approx(rescored.model) and scores["human"] == pytest.approx(rescored.human)
     test_ids = {im["id"] for im in json.loads(next((text_root / "synthetic_smoke" / "annotations").glob("captions_test.json")).read_text())["images"]}
     assert {c["image_id"] for c in captions} == test_ids  # one caption per test *image*
     features = (text_root / "synthetic_smoke" / "features").iterdir()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hydra.utils import get_class, instantiate
 
+from captioner.config import check
 from captioner.data.datamodule import CaptionDataModule
 from captioner.models.hub import MissingWeightsError
 from captioner.train import run
@@ -22,7 +23,9 @@ def test_every_experiment_config_composes(experiment, tmp_path):
     cfg = compose_train(tmp_path / "run", tmp_path / "data", [f"experiment={experiment}"])
     assert cfg.model._target_ == "captioner.module.CaptionModule"
     assert issubclass(get_class(cfg.data._target_), CaptionDataModule)  # text_only: its caption-embedding subclass
-    assert cfg.trainer.max_epochs >= 1
+    check(cfg)  # the value checks every command runs before any work
+    opening = (CONF / "experiment" / f"{experiment}.yaml").read_text().splitlines()[:3]
+    assert opening[0] == "# @package _global_" and f"# python -m captioner.train experiment={experiment}" in opening[1]
 
 
 def test_coco_attn_has_the_papers_settings(tmp_path):

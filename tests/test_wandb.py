@@ -10,7 +10,8 @@ import time
 import pytest
 from wandb.proto import wandb_internal_pb2
 
-from captioner.train import configure_wandb, run
+from captioner.loggers import configure_wandb
+from captioner.train import run
 from conftest import compose_train
 
 BLOCK, HEADER = 32768, 7  # the .wandb transaction log: LevelDB-style 32 KiB blocks of framed records
@@ -57,11 +58,12 @@ def _read(data: bytes) -> tuple[dict[str, list], list[str], bool]:
     return values, files, finished
 
 
-def test_offline_run_directory_holds_loss_metric_and_sample_history(tmp_path, data_dir, monkeypatch):
+def test_offline_run_directory_holds_loss_metric_and_sample_history(tmp_path, data_dir, monkeypatch, capfd):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = compose_train(tmp_path / "run", data_dir,
                         ["experiment=smoke", "debug=limit", "logger=default", "trainer.max_epochs=2", "score=false"])
     run(cfg)
+    assert "anonymous setting" not in capfd.readouterr().err  # wandb's warning about Lightning's retired argument
     (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     logged, artifact_files = history(run_file)
     assert len(logged["train/loss"]) == 4 and all(v > 0 for v in logged["train/loss"])  # 2 steps x 2 epochs

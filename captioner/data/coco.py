@@ -18,8 +18,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageOps
 
 
 @dataclass(frozen=True)
@@ -162,30 +160,3 @@ def _checked(records: list[ImageRecord], source: Path) -> list[ImageRecord]:
     if len(set(ids)) != len(ids):
         raise ValueError(f"{source} lists an image id twice; ids must be unique per image")
     return sorted(records, key=lambda r: r.image_id)
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Any image file as upright RGB: EXIF orientation applied; grayscale, palette, CMYK, alpha and
-    16-bit converted. Raises ValueError naming the file when it is missing or cannot be decoded."""
-    try:
-        with Image.open(path) as image:
-            return upright_rgb(image)
-    except FileNotFoundError:
-        raise ValueError(f"image {path} does not exist") from None
-    except (OSError, SyntaxError) as e:  # PIL raises these for truncated or non-image files
-        raise ValueError(f"image {path} cannot be decoded ({e}); remove or replace it") from None
-
-
-def upright_rgb(image: Image.Image) -> Image.Image:
-    """An opened image as upright 8-bit RGB (first frame; alpha composited on white). Decodes pixels."""
-    image.seek(0)  # first frame of an animation
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits
-        pixels = np.asarray(image).astype(np.int64)
-        image = Image.fromarray((pixels >> 8 if pixels.max() > 255 else pixels).clip(0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        rgba = image.convert("RGBA")
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")

@@ -1,4 +1,6 @@
-"""The LightningDataModule: COCO-format captions + the CLIP feature store + training-only noise.
+"""The LightningDataModule: wiring only. Records come from coco.py, features from the store
+(features.py, written by extraction.py), tokens and batches from dataset.py, the training order
+from sampler.py, and noise (noise.py) touches training batches only.
 
 A batch is a dict:
     image_id        (B,)       int64
@@ -17,74 +19,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from captioner.data.coco import ImageRecord, load_records
+from captioner.data.dataset import CaptionDataset, collate, pairs_for, tokenize
+from captioner.data.extraction import open_or_extract
 from captioner.data.features import FeatureStore, store_key
 from captioner.data.noise import add_noise
-from captioner.data.sampler import ResumableLoader, ResumableSampler
+from captioner.data.sampler import ResumableLoader, training_sampler
 from captioner.data.synthetic import write_dataset
 from captioner.models.decoder import load_tokenizer
 from captioner.models.encoder import ClipEncoder
-
-
-class CaptionDataset(Dataset):
-    """(image, caption) pairs over a feature store; `pairs` holds (record index, caption index)."""
-
-    def __init__(self, store: FeatureStore, records: list[ImageRecord], tokens: list[list[list[int]]], pairs: list[tuple[int, int]]):
-        self.store, self.records, self.tokens, self.pairs = store, records, tokens, pairs
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int) -> dict:
-        r, k = self.pairs[i]
-        image_id = self.records[r].image_id
-        return {"image_id": image_id, **self.store.features(image_id), "input_ids": self.tokens[r][k]}
-
-
-class LengthBucketSampler(ResumableSampler):
-    """Batches of captions of similar length, so padding to each batch's longest caption wastes little.
-
-    The epoch's shuffled order is cut into windows of `window` batches; each window is sorted by
-    caption length, cut into batches, and those batches are shuffled again. Still a pure function of
-    (seed, epoch), so a resumed run sees the same batches.
-    """
-
-    def __init__(self, lengths: list[int], seed: int, batch_size: int, window: int):
-        super().__init__(len(lengths), seed, batch_size)
-        self.lengths, self.window = torch.tensor(lengths), window
-
-    def arrange(self, order: torch.Tensor) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
-        span = self.batch_size * self.window
-        out = []
-        for s in range(0, len(order), span):
-            window = order[s : s + span]
-            window = window[torch.argsort(self.lengths[window], stable=True)]
-            batches = list(window.split(self.batch_size))
-            short = [batches.pop()] if len(batches[-1]) < self.batch_size else []  # stays last: batches keep their bounds
-            out += [batches[i] for i in torch.randperm(len(batches), generator=generator)] + short
-        return torch.cat(out) if out else order
-
-
-def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    longest = max(len(it["input_ids"]) for it in items)  # pad to this batch's longest caption only
-    input_ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), longest), dtype=torch.long)
-    for i, it in enumerate(items):
-        input_ids[i, : len(it["input_ids"])] = torch.tensor(it["input_ids"])
-        mask[i, : len(it["input_ids"])] = 1
-    batch = {
-        "image_id": torch.tensor([it["image_id"] for it in items]),
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "labels": input_ids.masked_fill(mask == 0, -100),
-    }
-    for key in ("clip_features", "patch_tokens"):
-        if key in items[0]:
-            batch[key] = torch.stack([it[key] for it in items])
-    return batch
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -131,7 +76,7 @@ class CaptionDataModule(L.LightningDataModule):
             distributed = dict(rank=trainer.global_rank, world_size=trainer.world_size,
                                barrier=trainer.strategy.barrier, device=trainer.strategy.root_device)
         with torch.random.fork_rng(devices=[]):  # extraction's DataLoader draws a seed: a cold cache must not shift the run
-            store = FeatureStore.open_or_extract(
+            store = open_or_extract(
                 Path(self.hparams.cache_dir) / f"{split}-{key}",
                 records,
                 encoder_factory=partial(ClipEncoder, encoder_spec, self.hparams.precision),
@@ -152,29 +97,20 @@ class CaptionDataModule(L.LightningDataModule):
         if self.datasets:
             return
         self.tokenizer = load_tokenizer(self.hparams.tokenizer)
-        eos, limit = self.tokenizer.eos_token_id, self.hparams.max_tokens
         for split in self.splits:
             records, store = self.load_split(split)
-            tokens = [[self.tokenizer.encode(c)[: limit - 1] + [eos] for c in r.captions] for r in records]
-            if split == "train":
-                pairs = [(i, k) for i, r in enumerate(records) for k in range(len(r.captions))]
-            else:  # one item per image: its first caption gives the loss, all of them the scores
-                pairs = [(i, 0) for i in range(len(records))]
+            tokens = tokenize(records, self.tokenizer, self.hparams.max_tokens)
             self.records[split] = records
-            self.datasets[split] = CaptionDataset(store, records, tokens, pairs)
+            self.datasets[split] = CaptionDataset(store, records, tokens, pairs_for(split, records))
 
     def references(self, split: str) -> dict[int, list[str]]:
         return {r.image_id: list(r.captions) for r in self.records[split]}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        batch_size = self.hparams.batch_size if shuffle else self.hparams.eval_batch_size
         # training resumes mid-epoch at the same batch (data/sampler.py); evaluation reads in order
-        dataset, sampler = self.datasets[split], None
-        if shuffle and self.hparams.length_buckets:
-            lengths = [len(dataset.tokens[r][k]) for r, k in dataset.pairs]
-            sampler = LengthBucketSampler(lengths, self.hparams.seed, batch_size, self.hparams.length_buckets)
-        elif shuffle:
-            sampler = ResumableSampler(len(dataset), self.hparams.seed, batch_size)
+        dataset = self.datasets[split]
+        batch_size = self.hparams.batch_size if shuffle else self.hparams.eval_batch_size
+        sampler = training_sampler(dataset.lengths(), self.hparams.seed, batch_size, self.hparams.length_buckets) if shuffle else None
         return (ResumableLoader if shuffle else DataLoader)(
             dataset,
             batch_size=batch_size,
@@ -197,8 +133,6 @@ class CaptionDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is None or not self.trainer.training:
             return batch  # validation, test and prediction see clean features
-        if isinstance(sampler := getattr(getattr(self.trainer, "train_dataloader", None), "sampler", None), ResumableSampler):
-            sampler.consumed += 1  # the resume position: batches the model received, not prefetched ones
         noisy = dict(batch)
         for key in ("clip_features", "patch_tokens"):
             if key in batch:

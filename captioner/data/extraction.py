@@ -1,4 +1,4 @@
-"""Writing a feature store: batched CLIP encoding that resumes after a kill, keeps going past
+"""Writing a feature store (`open_or_extract`): batched CLIP encoding that resumes after a kill, keeps going past
 unreadable images, and shards across processes (the layout is in features.py).
 
 Batches are fixed chunks of `batch_size` consecutive rows, whoever encodes them and however often
@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +18,74 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from captioner.data.coco import ImageRecord, load_image
-from captioner.data.features import StaleStoreError, content_hash, differences, file_size
+from captioner.data.coco import ImageRecord
+from captioner.data.images import load_image
+from captioner.data.features import FeatureStore, content_hash, describe, file_size
+from captioner.data.manifest import MANIFEST, StaleStoreError, check_manifest, differences, read_manifest, write_json
 
 log = logging.getLogger(__name__)
+BAD_IMAGE_POLICIES = ("stop", "skip")
+
+
+class BadImagesError(ValueError):
+    """Images that are missing or cannot be decoded; what was extracted stays on disk."""
+
+
+def open_or_extract(
+    directory: str | Path,
+    records: Sequence[ImageRecord],
+    encoder_factory,
+    encoder_spec,
+    split: str,
+    precision: str = "fp32",
+    dtype: str = "fp16",
+    tokens: bool = True,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    bad_images: str = "stop",  # stop: raise listing the bad files; skip: leave them out, report the count
+    device: str | torch.device = "cpu",
+    rank: int = 0,  # a distributed run: every process calls this with its rank and a barrier
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
+) -> FeatureStore:
+    """The store at `directory`, extracted (or finished) first when needed.
+
+    `encoder_factory()` builds the ClipEncoder; it is called only when there is work to do.
+    A store made with other settings is refused with the list of differences.
+    """
+    if bad_images not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r} (data.bad_images)")
+    directory = Path(directory)
+    found = read_manifest(directory)
+    if found is not None:
+        wanted = describe(records, encoder_spec, precision, 0, split, dtype, tokens)
+        wanted["preprocessing"] = found.get("preprocessing")  # resolution is read from the model only when extracting
+        check_manifest(directory, wanted, "feature store", "Delete the directory to re-extract, or point data.cache_dir elsewhere.")
+        return FeatureStore(directory)
+    encoder = encoder_factory().to(device)
+    wanted = describe(records, encoder_spec, precision, encoder.resolution, split, dtype, tokens)
+    shapes = {"clip_features": (encoder.embed_dim,)}
+    if tokens:
+        shapes["patch_tokens"] = (encoder.num_tokens, encoder.token_dim)
+    job = Extraction(records, encoder, wanted, shapes, batch_size, num_workers, device, rank)
+    if world_size == 1:
+        job.run(directory, bad_images)
+    else:
+        job.run_sharded(directory, bad_images, rank, world_size, barrier or (lambda: None))
+    if not (directory / MANIFEST).exists():  # stopped on bad images: their list is in progress.json
+        bad = {int(k): v for k, v in json.loads((directory / "progress.json").read_text())["bad"].items()}
+        raise BadImagesError(_bad_message(directory, records, bad))
+    return FeatureStore(directory)
+
+
+def _bad_message(directory: Path, records: Sequence[ImageRecord], bad: Mapping[int, str]) -> str:
+    listed = "\n".join(f"  {records[i].path}: {reason}" for i, reason in sorted(bad.items())[:50])
+    more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
+    return (
+        f"{len(bad)} of {len(records)} images could not be read:\n{listed}{more}\n"
+        f"The other images' features are kept in {directory}. Replace or remove these files and run again "
+        f"(only they are encoded), or set data.bad_images=skip to leave them out."
+    )
 
 
 class _Images(Dataset):
@@ -45,13 +108,6 @@ def _collate(items):
     good = [(i, pixels) for i, pixels, _ in items if pixels is not None]
     pixels = torch.stack([p for _, p in good]) if good else None
     return [i for i, _ in good], pixels, {i: error for i, _, error in items if error is not None}
-
-
-def _write_json(path: Path, value) -> None:
-    """Write-then-rename, so a kill never leaves a truncated JSON file in place."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
 
 
 class Extraction:
@@ -78,7 +134,7 @@ class Extraction:
                 changed = np.flatnonzero(np.asarray(state["sizes"]) != np.asarray(sizes))
                 if len(changed):  # files replaced since they were encoded: encode them again
                     done[changed] = 0
-                    _write_json(pending, {**state, "manifest": manifest, "sizes": sizes})
+                    write_json(pending, {**state, "manifest": manifest, "sizes": sizes})
                 return arrays, done
             if strict:
                 raise StaleStoreError(
@@ -92,7 +148,7 @@ class Extraction:
             for name, shape in self.shapes.items()
         }
         done = np.lib.format.open_memmap(directory / "done.npy", mode="w+", dtype=np.uint8, shape=(len(records),))
-        _write_json(pending, {"manifest": manifest, "sizes": sizes, **(extra or {})})
+        write_json(pending, {"manifest": manifest, "sizes": sizes, **(extra or {})})
         return arrays, done
 
     def encode(self, directory: Path, records, arrays: dict, done: np.ndarray, batches: list[list[int]]) -> dict[int, str]:
@@ -114,11 +170,11 @@ class Extraction:
                     for name, array in arrays.items():
                         array[rows] = out[name].cpu().numpy().astype(self.np_dtype)
                     done[rows] = 1  # after the rows: a kill in between encodes this batch again
-                _write_json(directory / "progress.json", {"rows": int(done.sum()), "bad": bad})
+                write_json(directory / "progress.json", {"rows": int(done.sum()), "bad": bad})
                 bar.update(len(rows) + len(errors))
         for array in (*arrays.values(), done):
             array.flush()
-        _write_json(directory / "progress.json", {"rows": int(done.sum()), "bad": bad})
+        write_json(directory / "progress.json", {"rows": int(done.sum()), "bad": bad})
         return bad
 
     def run(self, directory: Path, bad_images: str) -> None:
@@ -168,7 +224,7 @@ class Extraction:
             done[rows] = 1
         for array in (*arrays.values(), done):
             array.flush()
-        _write_json(directory / "progress.json", {"rows": int(done.sum()), "bad": bad})
+        write_json(directory / "progress.json", {"rows": int(done.sum()), "bad": bad})
         del arrays, done
         shutil.rmtree(directory / "shards")
         self.finish(directory, bad, bad_images)
@@ -181,7 +237,7 @@ class Extraction:
             log.warning("skipped %d unreadable images (data.bad_images=skip):\n%s", len(bad),
                         "\n".join(f"  {self.records[i].path}: {why}" for i, why in sorted(bad.items())[:20]))
         skipped = sorted(self.records[i].image_id for i in bad)
-        _write_json(directory / "manifest.json", {**self.manifest, "skipped": skipped})
+        write_json(directory / MANIFEST, {**self.manifest, "skipped": skipped})
         for name in ("pending.json", "done.npy", "progress.json"):
             (directory / name).unlink(missing_ok=True)
         shutil.rmtree(directory / "shards", ignore_errors=True)  # left by an interrupted distributed run

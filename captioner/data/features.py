@@ -10,7 +10,8 @@ and, while extraction runs (removed once it completes):
     progress.json        {"rows": rows done, "bad": {row: reason}}, rewritten after every batch
     shards/R-of-W/       one partial store per process of a distributed run; rank 0 merges them
 Row i belongs to `manifest["image_ids"][i]`; readers pair captions with features by image id.
-Writing (resume, bad images, shards) lives in extraction.py.
+Writing (resume, bad images, shards) lives in extraction.py, which imports this module, never the
+reverse: opening a store reads it and nothing else.
 """
 
 from __future__ import annotations
@@ -20,24 +21,16 @@ import hashlib
 import json
 import mmap
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from captioner.data.coco import ImageRecord
+from captioner.data.manifest import MANIFEST, plain
 
 STORE_VERSION = 1
-BAD_IMAGE_POLICIES = ("stop", "skip")
-
-
-class StaleStoreError(RuntimeError):
-    """A store on disk was made with other settings or other images than the ones asked for."""
-
-
-class BadImagesError(ValueError):
-    """Images that are missing or cannot be decoded; what was extracted stays on disk."""
 
 
 def file_size(path: Path) -> int:
@@ -86,17 +79,10 @@ def store_key(records: Sequence[ImageRecord], encoder_spec) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
-def _plain(value):
-    if isinstance(value, Mapping):
-        return dict(value)
-    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else str(value)
-
-
 def describe(records: Sequence[ImageRecord], encoder_spec, precision: str, resolution: int, split: str, dtype: str, tokens: bool) -> dict:
-    spec = json.loads(json.dumps(encoder_spec, default=_plain))  # OmegaConf/tuples -> plain JSON
     return {
         "version": STORE_VERSION,
-        "encoder": spec,
+        "encoder": plain(encoder_spec),  # OmegaConf/tuples -> plain JSON
         "encoder_sha256": encoder_digest(encoder_spec),
         "precision": precision,
         "preprocessing": f"clip bicubic resize + centre crop {resolution}, CLIP mean/std",
@@ -108,17 +94,6 @@ def describe(records: Sequence[ImageRecord], encoder_spec, precision: str, resol
         "image_ids": [r.image_id for r in records],
         "content_hash": content_hash(records),
     }
-
-
-def differences(found: Mapping, wanted: Mapping) -> list[str]:
-    out = []
-    for key in wanted:
-        if found.get(key) != wanted[key]:
-            if key == "image_ids":
-                out.append(f"image_ids ({len(found.get(key) or [])} stored vs {len(wanted[key])} wanted)")
-            else:
-                out.append(f"{key} (stored {found.get(key)!r} vs wanted {wanted[key]!r})")
-    return out
 
 
 RELEASE_SPAN = 1 << 20  # covers the kernel's fault-around (64 KiB by default), which maps a read's neighbours too
@@ -143,7 +118,7 @@ class FeatureStore:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self.manifest = json.loads((self.directory / "manifest.json").read_text())
+        self.manifest = json.loads((self.directory / MANIFEST).read_text())
         self.image_ids: list[int] = self.manifest["image_ids"]
         self.skipped: set[int] = set(self.manifest.get("skipped", []))  # unreadable images, no features
         self.row = {image_id: i for i, image_id in enumerate(self.image_ids) if image_id not in self.skipped}
@@ -162,69 +137,3 @@ class FeatureStore:
                 out[name] = torch.from_numpy(np.array(array[i], dtype=np.float32))
                 _release(array, i)
         return out
-
-    @classmethod
-    def open_or_extract(
-        cls,
-        directory: str | Path,
-        records: Sequence[ImageRecord],
-        encoder_factory,
-        encoder_spec,
-        split: str,
-        precision: str = "fp32",
-        dtype: str = "fp16",
-        tokens: bool = True,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        bad_images: str = "stop",  # stop: raise listing the bad files; skip: leave them out, report the count
-        device: str | torch.device = "cpu",
-        rank: int = 0,  # a distributed run: every process calls this with its rank and a barrier
-        world_size: int = 1,
-        barrier: Callable[[], None] | None = None,
-    ) -> "FeatureStore":
-        """Open the store at `directory`, extracting (or finishing) it first when needed.
-
-        `encoder_factory()` builds the ClipEncoder; it is called only when there is work to do.
-        A store made with other settings is refused with the list of differences.
-        """
-        if bad_images not in BAD_IMAGE_POLICIES:
-            raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r} (data.bad_images)")
-        directory = Path(directory)
-        manifest = directory / "manifest.json"
-        if manifest.exists():
-            found = json.loads(manifest.read_text())
-            wanted = describe(records, encoder_spec, precision, 0, split, dtype, tokens)
-            wanted["preprocessing"] = found.get("preprocessing")  # resolution is read from the model only when extracting
-            diff = differences(found, wanted)
-            if diff:
-                raise StaleStoreError(
-                    f"feature store {directory} was made with other settings: {'; '.join(diff)}. "
-                    f"Delete the directory to re-extract, or point data.cache_dir elsewhere."
-                )
-            return cls(directory)
-        encoder = encoder_factory().to(device)
-        wanted = describe(records, encoder_spec, precision, encoder.resolution, split, dtype, tokens)
-        shapes = {"clip_features": (encoder.embed_dim,)}
-        if tokens:
-            shapes["patch_tokens"] = (encoder.num_tokens, encoder.token_dim)
-        from captioner.data.extraction import Extraction  # the writer imports this module's manifest helpers
-
-        job = Extraction(records, encoder, wanted, shapes, batch_size, num_workers, device, rank)
-        if world_size == 1:
-            job.run(directory, bad_images)
-        else:
-            job.run_sharded(directory, bad_images, rank, world_size, barrier or (lambda: None))
-        if not manifest.exists():  # stopped on bad images: their list is in progress.json
-            bad = {int(k): v for k, v in json.loads((directory / "progress.json").read_text())["bad"].items()}
-            raise BadImagesError(_bad_message(directory, records, bad))
-        return cls(directory)
-
-
-def _bad_message(directory: Path, records: Sequence[ImageRecord], bad: Mapping[int, str]) -> str:
-    listed = "\n".join(f"  {records[i].path}: {reason}" for i, reason in sorted(bad.items())[:50])
-    more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
-    return (
-        f"{len(bad)} of {len(records)} images could not be read:\n{listed}{more}\n"
-        f"The other images' features are kept in {directory}. Replace or remove these files and run again "
-        f"(only they are encoded), or set data.bad_images=skip to leave them out."
-    )

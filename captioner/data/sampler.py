@@ -4,7 +4,7 @@ Lightning saves a loader's `state_dict()` in each checkpoint and hands it back t
 on resume, before the first batch is drawn. The order of an epoch is a pure function of
 (seed, epoch), so the state is two numbers: the epoch and how many batches of it the model consumed.
 Consumed, not drawn: Lightning prefetches a batch ahead, so the count is advanced when a batch
-reaches the model (`CaptionDataModule.on_after_batch_transfer`), not when the loader yields it.
+reaches the model (`callbacks.ResumeState.on_train_batch_start`), not when the loader yields it.
 """
 
 from __future__ import annotations
@@ -41,8 +41,40 @@ class ResumableSampler(Sampler[int]):
         yield from mine[start * self.batch_size :].tolist()
 
     def arrange(self, order: torch.Tensor) -> torch.Tensor:
-        """This rank's order for the epoch; a subclass may regroup it (datamodule.LengthBucketSampler)."""
+        """This rank's order for the epoch; a subclass may regroup it (LengthBucketSampler)."""
         return order
+
+
+class LengthBucketSampler(ResumableSampler):
+    """Batches of captions of similar length, so padding to each batch's longest caption wastes little.
+
+    The epoch's shuffled order is cut into windows of `window` batches; each window is sorted by
+    caption length, cut into batches, and those batches are shuffled again. Still a pure function of
+    (seed, epoch), so a resumed run sees the same batches.
+    """
+
+    def __init__(self, lengths: list[int], seed: int, batch_size: int, window: int):
+        super().__init__(len(lengths), seed, batch_size)
+        self.lengths, self.window = torch.tensor(lengths), window
+
+    def arrange(self, order: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
+        span = self.batch_size * self.window
+        out = []
+        for s in range(0, len(order), span):
+            window = order[s : s + span]
+            window = window[torch.argsort(self.lengths[window], stable=True)]
+            batches = list(window.split(self.batch_size))
+            short = [batches.pop()] if len(batches[-1]) < self.batch_size else []  # stays last: batches keep their bounds
+            out += [batches[i] for i in torch.randperm(len(batches), generator=generator)] + short
+        return torch.cat(out) if out else order
+
+
+def training_sampler(lengths: list[int], seed: int, batch_size: int, length_buckets: int = 0) -> ResumableSampler:
+    """Plain shuffle, or batches of similar caption length sorted in windows of `length_buckets` batches."""
+    if length_buckets:
+        return LengthBucketSampler(lengths, seed, batch_size, length_buckets)
+    return ResumableSampler(len(lengths), seed, batch_size)
 
 
 class ResumableLoader(DataLoader):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from functools import partial
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from tqdm import tqdm
 
 from captioner.data.coco import ImageRecord, load_records
 from captioner.data.datamodule import CaptionDataModule, CaptionDataset
-from captioner.data.features import StaleStoreError, encoder_digest
+from captioner.data.features import encoder_digest
+from captioner.data.manifest import MANIFEST, check_manifest, plain, read_manifest, write_json
 from captioner.models.encoder import ClipEncoder
 
 TEXT_STORE_VERSION = 1
@@ -46,54 +46,46 @@ class TextFeatureStore:
 
     def __init__(self, directory: str | Path, records: list[ImageRecord]):
         self.directory = Path(directory)
-        self.manifest = json.loads((self.directory / "manifest.json").read_text())
+        self.manifest = json.loads((self.directory / MANIFEST).read_text())
         self.features = np.load(self.directory / "text_features.npy", mmap_mode="r")
         self.offsets = np.cumsum([0] + [len(r.captions) for r in records])[:-1].tolist()
 
     def caption_features(self, r: int, k: int) -> torch.Tensor:
         return torch.from_numpy(np.array(self.features[self.offsets[r] + k], dtype=np.float32))
 
-    @classmethod
-    def open_or_encode(cls, directory: str | Path, records: list[ImageRecord], encoder_factory, encoder_spec,
-                       precision: str, dtype: str = "fp16", batch_size: int = 256, device=None) -> "TextFeatureStore":
-        directory = Path(directory)
-        captions = [c for r in records for c in r.captions]
-        wanted = {
-            "version": TEXT_STORE_VERSION,
-            "kind": "clip text embeddings of captions",
-            "encoder": json.loads(json.dumps(encoder_spec, default=str)),
-            "encoder_sha256": encoder_digest(encoder_spec),
-            "precision": precision,
-            "normalisation": "none (raw CLIP outputs; noise and the model normalise)",
-            "dtype": dtype,
-            "count": len(captions),
-            "caption_hash": caption_hash(records),
-        }
-        manifest = directory / "manifest.json"
-        if manifest.exists():
-            found = json.loads(manifest.read_text())
-            diff = [f"{k} (stored {found.get(k)!r} vs wanted {v!r})" for k, v in wanted.items() if found.get(k) != v]
-            if diff:
-                raise StaleStoreError(
-                    f"text feature store {directory} was made with other settings: {'; '.join(diff)}. "
-                    "Delete the directory to re-encode, or point data.cache_dir elsewhere."
-                )
-            return cls(directory, records)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        encoder = encoder_factory().to(device)
-        directory.mkdir(parents=True, exist_ok=True)
-        np_dtype = np.float16 if dtype == "fp16" else np.float32
-        array = np.lib.format.open_memmap(directory / "text_features.npy", mode="w+", dtype=np_dtype,
-                                          shape=(len(captions), encoder.embed_dim))
-        for start in tqdm(range(0, len(captions), batch_size), desc="encode captions", unit="batch"):
-            batch = captions[start : start + batch_size]
-            array[start : start + len(batch)] = encoder.encode_text(batch).cpu().numpy().astype(np_dtype)
-        array.flush()
-        del array
-        tmp = manifest.with_suffix(".tmp")  # write-then-rename: a kill never leaves half a manifest
-        tmp.write_text(json.dumps(wanted))
-        os.replace(tmp, manifest)
-        return cls(directory, records)
+
+def open_or_encode(directory: str | Path, records: list[ImageRecord], encoder_factory, encoder_spec,
+                   precision: str, dtype: str = "fp16", batch_size: int = 256, device=None) -> TextFeatureStore:
+    """The caption store at `directory`, encoded first when absent; one made with other settings is refused."""
+    directory = Path(directory)
+    captions = [c for r in records for c in r.captions]
+    wanted = {
+        "version": TEXT_STORE_VERSION,
+        "kind": "clip text embeddings of captions",
+        "encoder": plain(encoder_spec),
+        "encoder_sha256": encoder_digest(encoder_spec),
+        "precision": precision,
+        "normalisation": "none (raw CLIP outputs; noise and the model normalise)",
+        "dtype": dtype,
+        "count": len(captions),
+        "caption_hash": caption_hash(records),
+    }
+    if read_manifest(directory) is not None:
+        check_manifest(directory, wanted, "text feature store", "Delete the directory to re-encode, or point data.cache_dir elsewhere.")
+        return TextFeatureStore(directory, records)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = encoder_factory().to(device)
+    directory.mkdir(parents=True, exist_ok=True)
+    np_dtype = np.float16 if dtype == "fp16" else np.float32
+    array = np.lib.format.open_memmap(directory / "text_features.npy", mode="w+", dtype=np_dtype,
+                                      shape=(len(captions), encoder.embed_dim))
+    for start in tqdm(range(0, len(captions), batch_size), desc="encode captions", unit="batch"):
+        batch = captions[start : start + batch_size]
+        array[start : start + len(batch)] = encoder.encode_text(batch).cpu().numpy().astype(np_dtype)
+    array.flush()
+    del array
+    write_json(directory / MANIFEST, wanted)  # last: its presence means the store is complete
+    return TextFeatureStore(directory, records)
 
 
 class TextCaptionDataset(CaptionDataset):
@@ -108,10 +100,6 @@ class TextCaptionDataset(CaptionDataset):
 class TextCaptionDataModule(CaptionDataModule):
     """`CaptionDataModule` whose training split is captions alone (CapDec); val and test are images."""
 
-    def __init__(self, *args, text_batch_size: int = 256, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.text_batch_size = text_batch_size
-
     def load_split(self, split: str, **distributed):
         if split != "train":
             return super().load_split(split, **distributed)
@@ -121,14 +109,14 @@ class TextCaptionDataModule(CaptionDataModule):
         if not distributed and trainer is not None and trainer.world_size > 1:
             distributed = dict(rank=trainer.global_rank, barrier=trainer.strategy.barrier, device=trainer.strategy.root_device)
         encode = partial(
-            TextFeatureStore.open_or_encode,
+            open_or_encode,
             Path(self.hparams.cache_dir) / f"train-text-{self._store_key(records)}",
             records,
             encoder_factory=partial(ClipEncoder, spec, self.hparams.precision),
             encoder_spec=spec,
             precision=self.hparams.precision,
             dtype=self.hparams.feature_dtype,
-            batch_size=self.text_batch_size,
+            batch_size=self.hparams.extract_batch_size,  # captions per CLIP text-tower call
             device=distributed.get("device"),
         )
         if distributed.get("rank", 0) == 0:  # one process encodes, the others wait and open its store

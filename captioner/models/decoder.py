@@ -8,7 +8,9 @@ directory saved by `save_pretrained`. Random: a mapping of `GPT2Config` fields, 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -49,6 +51,33 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def tokenizer_files(spec: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """The tokenizer's `vocab.json` and `merges.txt` as text, to travel inside a checkpoint: read from
+    its directory, or written out by the tokenizer itself for a hub name."""
+    path = Path(spec).expanduser()
+    if not all((path / name).is_file() for name in TOKENIZER_FILES):
+        path = Path(tempfile.mkdtemp(prefix="captioner-tokenizer-"))
+        tokenizer.save_vocabulary(str(path))
+    return {name: (path / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES}
+
+
+def write_tokenizer(files: dict[str, str]) -> Path:
+    """A directory holding carried tokenizer files (one per content, under the temp directory), so a
+    checkpoint captions wherever it is copied, whether or not its training run's data/ still exists."""
+    digest = hashlib.sha256("\0".join(files[name] for name in TOKENIZER_FILES).encode()).hexdigest()[:16]
+    directory = Path(tempfile.gettempdir()) / "captioner-tokenizers" / digest
+    if not all((directory / name).is_file() for name in TOKENIZER_FILES):
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            temp = directory / f".{name}.{os.getpid()}"
+            temp.write_text(files[name], encoding="utf-8")
+            os.replace(temp, directory / name)  # whole files only: another process may read them at once
+    return directory
+
+
 def load_gpt2(spec: str | Mapping, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> GPT2LMHeadModel:
     """A string loads pretrained GPT-2 (`gpt2`, `distilgpt2`, ... or a local directory); a mapping of
     `GPT2Config` fields builds that architecture with seeded random weights and the tokenizer's vocabulary
@@ -64,6 +93,9 @@ def load_gpt2(spec: str | Mapping, tokenizer: PreTrainedTokenizerBase, seed: int
         model = GPT2LMHeadModel.from_pretrained(Path(spec).expanduser())
     else:
         model = _from_hub(GPT2LMHeadModel.from_pretrained, spec, "model.decoder", "GPT-2", "config.json")
+    # GPT2LMHeadModel's class name names no loss in transformers' LOSS_MAPPING, which then warns on every
+    # run that it falls back to the causal-LM loss: say that loss outright (the same loss, no warning)
+    model.loss_type = "ForCausalLM"
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"decoder {spec!r} has {model.config.vocab_size} embeddings but the tokenizer has {vocab_size} tokens")
     return model

@@ -9,13 +9,18 @@ is read from the loaded model.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-import clip
 import torch
-from clip.model import CLIP, ModifiedResNet, build_model
 from torch import nn
+
+# clip/clip.py imports `packaging` through pkg_resources, which setuptools deprecates: nothing a user can
+# change here, and clip reads only `packaging.version` from it
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated as an API", category=UserWarning, module=r"clip\.clip")
+import clip  # noqa: E402
+from clip.model import CLIP, ModifiedResNet, build_model  # noqa: E402
 
 from captioner.models.hub import missing, reachable
 from captioner.models.zoo import CLIP_ARCHS, resolve

@@ -11,8 +11,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from captioner.api import MAX_ASPECT
-from captioner.data.coco import upright_rgb
+from captioner.data.images import MAX_ASPECT, upright_rgb
 
 # what we accept: the formats browsers and phones produce (HEIC needs a plugin PIL lacks)
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")

@@ -1,0 +1,240 @@
+"""Hydra configuration in one place: the `run_id` resolver, the schemas of the groups users edit,
+the value checks, and `hydra_main`, which every Hydra entry point runs through.
+
+Schemas are dataclasses in Hydra's ConfigStore under `schema/`; the YAML files start from them
+(`defaults: [/schema/data@_here_, ...]`), so a wrong type or an unknown key fails at composition.
+Each schema is read from the signature of what the group instantiates (`CaptionDataModule`,
+`CaptionModule`, the mappers, `lightning.Trainer`, `Decoding`): a new constructor argument is a new
+config key, with its default, and never a second list to keep in step. Values a type cannot say
+(a positive batch size, one of a few names) are checked in `check` before anything runs. Either way
+the user sees one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+import secrets
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning as L
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from captioner.data.datamodule import CaptionDataModule
+from captioner.data.noise import add_noise
+from captioner.data.synthetic import write_dataset
+from captioner.generate import Decoding
+from captioner.models.mapper import MAPPERS
+from captioner.module import CaptionModule
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub retries: absent weights fail at once (models/hub.py)
+# run directories are named `<time>_${run_id:}`: a random suffix keeps two runs started in the same
+# second apart (conf/hydra/default.yaml)
+OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+PLAIN = (int, float, bool, str)
+# arguments the module computes and passes itself, never config keys
+MAPPER_DIMENSIONS = ("in_dim", "token_dim", "embed_dim", "prefix_length", "num_tokens")
+
+
+def _key_type(annotation):
+    """The OmegaConf type of a parameter: int/float/bool/str (optional or not), else Any."""
+    if annotation in PLAIN:
+        return annotation
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and args[0] in PLAIN and len(typing.get_args(annotation)) == 2:
+            return Optional[args[0]]
+    return Any
+
+
+def schema_of(fn: Callable, name: str, skip: tuple[str, ...] = (), first: tuple = (), nested: dict | None = None) -> type:
+    """A dataclass with one field per parameter of `fn` (its type and default); `first` fields
+    (name, type, default) come before them, `nested` maps a parameter to a schema of its own."""
+    hints = typing.get_type_hints(fn)  # a dataclass gives its fields' types
+    fields = [(n, t, dataclasses.field(default=d)) for n, t, d in first]
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in ("self", *skip) or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        kind = Optional[nested[p.name]] if nested and p.name in nested else _key_type(hints.get(p.name, Any))
+        if p.default is p.empty:
+            default = dataclasses.field(default=MISSING)
+        elif isinstance(p.default, (list, dict, tuple)):
+            default = dataclasses.field(default_factory=lambda v=p.default: type(v)(v))
+        else:
+            default = dataclasses.field(default=p.default)
+        fields.append((p.name, kind, default))
+    schema = dataclasses.make_dataclass(name, fields)
+    schema.__module__ = __name__
+    return schema
+
+
+INSTANTIATED = (("_target_", str, MISSING), ("_convert_", str, MISSING))  # the YAML says what is built, and how
+
+
+NoiseSchema = schema_of(add_noise, "NoiseSchema", skip=("features", "generator"))
+SyntheticSchema = schema_of(write_dataset, "SyntheticSchema")
+DataSchema = schema_of(CaptionDataModule.__init__, "DataSchema", first=INSTANTIATED,
+                       nested={"noise": NoiseSchema, "synthetic": SyntheticSchema})
+ModelSchema = schema_of(CaptionModule.__init__, "ModelSchema", first=INSTANTIATED)
+MapperSchemas = {
+    name: schema_of(cls.__init__, f"{cls.__name__}Schema", skip=MAPPER_DIMENSIONS, first=(("name", str, name),))
+    for name, cls in MAPPERS.items()
+}
+DecodingSchema = schema_of(Decoding, "DecodingSchema")  # Decoding itself is frozen: overrides need a mutable node
+TrainerSchema = schema_of(L.Trainer.__init__, "TrainerSchema", first=INSTANTIATED[:1])
+
+
+def register() -> None:
+    store = ConfigStore.instance()
+    store.store(group="schema", name="data", node=DataSchema)
+    store.store(group="schema", name="model", node=ModelSchema)
+    store.store(group="schema", name="trainer", node=TrainerSchema)
+    store.store(group="schema", name="decoding", node=DecodingSchema)
+    for name, node in MapperSchemas.items():
+        store.store(group="schema/mapper", name=name, node=node)
+
+
+register()
+
+
+def _positive(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _non_negative(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _one_of(*choices) -> tuple[Callable, str]:
+    return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
+
+
+POSITIVE, NON_NEGATIVE = (_positive, "a positive integer"), (_non_negative, "an integer >= 0")
+PRECISIONS = _one_of("fp32", "fp16", "bf16")
+# key -> (test, what is allowed): values whose type alone does not rule them out
+CHECKS: dict[str, tuple[Callable, str]] = {
+    "data.batch_size": POSITIVE,
+    "data.eval_batch_size": POSITIVE,
+    "data.extract_batch_size": POSITIVE,
+    "data.num_workers": NON_NEGATIVE,
+    "data.max_tokens": ((lambda v: _positive(v) and v >= 2), "an integer >= 2 (a token and end-of-text)"),
+    "data.length_buckets": NON_NEGATIVE,
+    "data.feature_dtype": _one_of("fp16", "fp32"),
+    "data.precision": PRECISIONS,
+    "data.bad_images": _one_of("stop", "skip"),
+    "data.noise.variance": ((lambda v: v >= 0), "a variance >= 0 (0 turns the noise off)"),
+    "data.noise.rate": ((lambda v: 0 <= v <= 1), "a share in [0, 1]"),
+    "model.prefix_length": POSITIVE,
+    "model.encoder_precision": PRECISIONS,
+    "model.lr": ((lambda v: v > 0), "a learning rate > 0"),
+    "model.warmup_steps": NON_NEGATIVE,
+    "model.val_cider_images": NON_NEGATIVE,
+    "model.mapper.num_layers": POSITIVE,
+    "model.mapper.num_heads": POSITIVE,
+    "trainer.max_epochs": ((lambda v: v is None or isinstance(v, int) and v >= -1), "an integer >= -1 (-1: no limit) or null"),
+}
+DECODING_KEYS = ("test_decoding", "decoding", "model.val_decoding")
+for _key in DECODING_KEYS:
+    CHECKS[f"{_key}.strategy"] = _one_of("greedy", "beam", "sample")
+    CHECKS[f"{_key}.engine"] = _one_of("cached", "hf")
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed: the message names the key and what is allowed."""
+
+
+def check(cfg: DictConfig) -> None:
+    """The value checks of CHECKS and the decoding options, on the composed config, before any work."""
+    for key, (test, allowed) in CHECKS.items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value is None and key != "trainer.max_epochs" or OmegaConf.select(cfg, key.rsplit(".", 1)[0]) is None:
+            continue
+        if not test(value):
+            raise ConfigError(f"{key}={value!r} is not allowed: use {allowed}")
+    for key in DECODING_KEYS:
+        options = OmegaConf.select(cfg, key, default=None)
+        if options is None:
+            continue
+        options = OmegaConf.to_container(options, resolve=True)
+        unknown = set(options) - {f.name for f in dataclasses.fields(Decoding)}
+        if unknown:
+            raise ConfigError(f"{key}.{sorted(unknown)[0]} is not a decoding option: use {', '.join(f.name for f in dataclasses.fields(Decoding))}")
+        try:
+            Decoding(**options)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+
+def one_line(error: BaseException) -> str:
+    """A composition or config error as the one line a user needs: the key and what is allowed."""
+    if isinstance(error, MissingConfigException) and error.options:
+        group = error.missing_cfg_file.rsplit("/", 1)[0]
+        wanted = error.missing_cfg_file.rsplit("/", 1)[-1]
+        return f"{group}={wanted} is not an option: choose one of {', '.join(sorted(error.options))}"
+    if isinstance(error, OmegaConfBaseException) or isinstance(error.__cause__, OmegaConfBaseException):
+        inner = error if isinstance(error, OmegaConfBaseException) else error.__cause__
+        key = getattr(inner, "full_key", None)
+        if isinstance(inner, (ConfigKeyError, ConfigAttributeError)) and key and getattr(inner, "parent_node", None) is not None:
+            allowed = ", ".join(k for k in inner.parent_node.keys() if not str(k).startswith("_"))
+            return f"{key} is not a config key here: the keys are {allowed}"
+        message = str(inner).split("\n")[0].strip()
+        return f"{key}: {message}" if key else message
+    return " ".join(str(error).split("\n")[0].split())
+
+
+def hydra_main(config_name: str) -> Callable:
+    """`hydra.main` for captioner's entry points. Bad input exits with status 2 and one line on
+    stderr, no traceback: an unknown option or key, a wrong type (at composition), a value `check`
+    refuses, and the errors captioner raises about what it was given (a missing file, a stale cache,
+    absent weights, a ValueError naming a setting). `HYDRA_FULL_ERROR=1` shows the traceback."""
+    import hydra
+
+    from captioner.data.manifest import StaleStoreError
+    from captioner.models.hub import MissingWeightsError
+
+    user_errors = (ConfigError, ValueError, FileNotFoundError, StaleStoreError, MissingWeightsError)
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+    def decorate(task: Callable) -> Callable:
+        @functools.wraps(task)
+        def checked(cfg: DictConfig):
+            if not full:  # composed: from here on, errors are the task's (Hydra reports them as usual)
+                os.environ.pop("HYDRA_FULL_ERROR", None)
+            try:
+                check(cfg)
+                return task(cfg)
+            except user_errors as error:
+                if full:
+                    raise
+                print(f"error: {one_line(error)}", file=sys.stderr)
+                sys.exit(2)
+
+        @functools.wraps(task)
+        def main():
+            run = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(checked)
+            if full:
+                return run()
+            os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises composition errors, to the handler below
+            try:
+                return run()
+            except (HydraException, OmegaConfBaseException) as error:
+                print(f"error: {one_line(error)}", file=sys.stderr)
+                sys.exit(2)
+            finally:
+                os.environ.pop("HYDRA_FULL_ERROR", None)
+
+        return main
+
+    return decorate

@@ -1,0 +1,28 @@
+"""Weights & Biases for training runs: offline unless you have logged in, and without a warning per run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+
+
+def configure_wandb() -> None:
+    """Offline unless the user chose a mode or has credentials."""
+    if "WANDB_MODE" in os.environ:
+        return
+    netrc = Path.home() / ".netrc"
+    logged_in = "WANDB_API_KEY" in os.environ or netrc.exists() and "api.wandb.ai" in netrc.read_text()
+    if not logged_in:
+        os.environ["WANDB_MODE"] = "offline"
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's WandbLogger, minus the `anonymous=None` it always hands to `wandb.init`: wandb has
+    retired that setting and warns whenever it is passed at all. `anonymous=True` is still passed on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # Lightning 2.6 keeps wandb.init's arguments here
+            self._wandb_init.pop("anonymous", None)
