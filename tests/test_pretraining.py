@@ -37,7 +37,7 @@ def pretrained(world, tmp_path_factory):
 
 
 def _encode(encoder: ClipEncoder, records) -> dict[str, torch.Tensor]:
-    from captioner.data.coco import load_image
+    from captioner.data.images import load_image
 
     pixels = torch.stack([encoder.preprocess(load_image(r.path)) for r in records])
     return encoder(pixels)

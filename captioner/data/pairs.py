@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from captioner.data.coco import ImageRecord, load_image
+from captioner.data.coco import ImageRecord
+from captioner.data.images import load_image
 
 
 def pairs_hash(records: Sequence[ImageRecord]) -> str:
