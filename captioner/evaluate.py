@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from captioner import clipscore
 from captioner.api import Captioner
 from captioner.generate import Decoding, decoding_from
 from captioner.metrics import METRICS, PerImage, report, spice_missing, table
@@ -190,6 +191,7 @@ def run(cfg: DictConfig) -> dict:
         if not cfg.references:
             raise ValueError("results=... needs references=... (a COCO captions file with the human captions)")
         captions, scores, per_image = score_results_file(cfg.results, cfg.references, cfg.meteor, cfg.spice)
+        scores.setdefault("unavailable", {})["CLIPScore"] = "a results file has no images: score a checkpoint (ckpt_path=...) for CLIPScore"
         title = f"{cfg.results}: {len(captions)} images"
         split = None
     elif cfg.ckpt_path:
@@ -199,11 +201,17 @@ def run(cfg: DictConfig) -> dict:
         captions = caption_split(captioner, datamodule, split, decoding_from(cfg.decoding))
         scores, per_image = evaluate_captions(datamodule.references(split), captions, cfg.meteor, cfg.spice)
         add_scene_accuracy(scores, datamodule.splits[split], captions)
+        clip = clipscore.score_split(captioner.module.encoder, datamodule, split, captions, cfg.clipscore.model)
+        clipscore.add_to(scores, clip)
+        for image_id, values in clip["per_image"].items():
+            per_image[image_id].update(values)
         title = f"{split} split of {cfg.ckpt_path}: {len(captions)} images"
     else:
         raise ValueError("nothing to evaluate: pass ckpt_path=... (caption a split) or results=... references=... (score a file)")
     write_results(output_dir, split, captions, scores, per_image)
     print_scores(scores, title)
+    if "clipscore" in scores:
+        clipscore.print_table(scores)
     print(f"wrote {output_dir / 'scores.json'} and {output_dir / 'scores_per_image.json'}")
     return scores
 

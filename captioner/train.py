@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from captioner import clipscore
 from captioner.api import Captioner
 from captioner.checkpoint import read_checkpoint, resolve_ckpt_path
 from captioner.evaluate import add_scene_accuracy, caption_split, print_scores, score_split, write_results
@@ -67,8 +68,10 @@ def run(cfg: DictConfig) -> dict:
         captions = caption_split(Captioner(module, module.device), datamodule, "test", decoding_from(cfg.test_decoding))
         scores = score_split(datamodule.references("test"), captions, meteor=cfg.score_meteor, fair=True)
         add_scene_accuracy(scores, datamodule.splits["test"], captions)
+        clipscore.add_to(scores, clipscore.score_split(module.encoder, datamodule, "test", captions, cfg.clipscore.model))
         write_results(output_dir, "test", captions, scores)
         print_scores(scores, f"test split: {len(captions)} images ({output_dir})")
+        clipscore.print_table(scores)
         shown = datamodule.records["test"][:12]
         caption_grid([r.path for r in shown], [captions[r.image_id] for r in shown], output_dir / "samples_test.png",
                      references=[r.captions[0] for r in shown])
@@ -76,6 +79,7 @@ def run(cfg: DictConfig) -> dict:
         metrics.update({f"test/fair_percent_of_human_{k}": v for k, v in scores["fair"]["percent_of_human"].items()})
         if "scene" in scores:
             metrics["test/scene_accuracy"] = scores["scene"]["accuracy"]
+        metrics.update({f"test/{k}": v for k, v in scores["clipscore"]["model"].items()})
     for logger in loggers:
         logger.finalize("success")
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
