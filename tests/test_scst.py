@@ -78,6 +78,7 @@ def test_a_training_step_is_a_finite_loss_from_rewards_and_baselines(scst_cfg, b
         assert logged["train/baseline"] == pytest.approx(logged["train/reward"], abs=1e-5)  # leave-one-out means average to the mean
 
 
+@pytest.mark.slow  # a whole (smoke-sized) second stage with end-of-training scoring
 @pytest.mark.java
 def test_second_stage_run_writes_scores_and_a_plain_checkpoint(scst_cfg):
     cfg = scst_cfg()
