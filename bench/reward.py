@@ -50,7 +50,7 @@ def default_references() -> Path:
 
     root = Path(tempfile.mkdtemp()) / "synthetic"  # conf/data/synthetic.yaml's training split
     print(f"writing the embedded default's training split to {root} ...")
-    write_dataset(root=root, seed=0, sizes={"train": 4000, "val": 1, "test": 1}, image_size=64, vocab_size=512)
+    write_dataset(root=root, seed=0, sizes={"train": 4000, "val": 1, "test": 1}, image_size=64)
     return root / "annotations" / "captions_train.json"
 
 

@@ -39,7 +39,7 @@ def candidates_for(refs: dict[int, list[str]], seed: int = 0) -> dict[int, str]:
 @pytest.fixture(scope="module")
 def synthetic_refs(tmp_path_factory) -> dict[int, list[str]]:
     root = tmp_path_factory.mktemp("reward") / "synthetic"
-    write_dataset(root=str(root), seed=0, sizes={"train": 300, "val": 2, "test": 2}, image_size=32, vocab_size=300)
+    write_dataset(root=str(root), seed=0, sizes={"train": 300, "val": 2, "test": 2}, image_size=32)
     refs = load_references(root / "annotations" / "captions_train.json")
     return {i: [tokenize_fast(c) for c in caps] for i, caps in refs.items()}
 
