@@ -29,6 +29,7 @@ from captioner.models.mapper import AttentionMapper, attention_grid
 class Caption:
     text: str
     attention: torch.Tensor | None = None  # (P, g, g): where each prefix slot looked (attention mapper only)
+    retrieved: tuple[str, ...] | None = None  # the datastore captions in the prompt (retrieval models only)
 
 
 def load_module(path: str | Path):
@@ -69,15 +70,23 @@ class Captioner:
         self.precision = "int8" if quantized else {v: k for k, v in DTYPES.items()}[module.decoder.dtype]  # GPT-2's
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", int8: bool = False, precision: str = "fp32") -> "Captioner":
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", int8: bool = False, precision: str = "fp32",
+                        datastore: str | Path | None = None) -> "Captioner":
         """Load a Lightning checkpoint (`.ckpt`) or an exported safetensors directory.
 
         `int8=True` quantizes GPT-2's and the mapper's Linear layers to int8 for CPU inference
         (captioner/quantize.py). `precision="bf16"` (or "fp16") runs CLIP and GPT-2 with 16-bit
         weights: half the memory traffic per token, and on CPUs with AVX512-BF16 or AMX much faster
-        batched matmuls (bench/serve_load.py); the mapper stays fp32."""
+        batched matmuls (bench/serve_load.py); the mapper stays fp32. `datastore=DIR` replaces a retrieval
+        model's datastore (captioner/retrieval.py): another domain's captions, no retraining."""
         dtype_of(precision)  # a wrong name fails before the checkpoint loads
         module = load_module(path)
+        if datastore is not None:
+            from captioner.retrieval import Datastore
+
+            if not hasattr(module, "datastore"):
+                raise ValueError(f"datastore={datastore}: {path} was trained without retrieval, so it reads no datastore")
+            module.datastore = Datastore.open(datastore)
         if int8:
             if str(device) != "cpu":
                 raise ValueError("int8 quantization runs on the CPU only: drop int8 or use device=cpu")
@@ -105,6 +114,9 @@ class Captioner:
                 f"use at most {self.max_new_tokens}"
             )
         module = self.module
+        if hasattr(module, "describe_features"):  # retrieval: prefix + prompt of the nearest datastore captions
+            texts, retrieved = module.describe_features({"pixels": pixels.to(self.device)}, decoding)
+            return [Caption(t, None, tuple(r)) for t, r in zip(texts, retrieved)]
         features = module.features({"pixels": pixels.to(self.device)})
         maps = None
         if attention and self.has_attention:

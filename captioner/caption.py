@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--int8", action="store_true", help="int8 dynamic quantization for CPU inference")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="CLIP's and GPT-2's weights (the mapper stays fp32)")
+    parser.add_argument("--datastore", help="a retrieval model's datastore directory in place of its own (captioner/retrieval.py)")
     return parser.parse_args(argv)
 
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from captioner.data.images import to_pil
     from captioner.generate import Decoding
 
-    captioner = Captioner.from_pretrained(args.ckpt, device=args.device, int8=args.int8, precision=args.precision)
+    captioner = Captioner.from_pretrained(args.ckpt, device=args.device, int8=args.int8, precision=args.precision, datastore=args.datastore)
     decoding = Decoding(strategy=args.strategy, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     if args.max_new_tokens > captioner.max_new_tokens:
         print(f"error: --max-new-tokens {args.max_new_tokens}: this model writes at most {captioner.max_new_tokens}", file=sys.stderr)

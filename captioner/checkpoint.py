@@ -84,7 +84,14 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> s
 
 
 def _module_from_hparams(hparams: dict, overrides: dict):
-    return CaptionModule(**{**hparams, **overrides})
+    hparams = {**hparams, **overrides}
+    if hparams.get("retrieval"):  # trained with a datastore prompt (captioner/retrieval.py)
+        from captioner.retrieval import RetrievalModule
+
+        return RetrievalModule(**hparams)
+    from captioner.module import CaptionModule
+
+    return CaptionModule(**hparams)
 
 
 def load_module(path: str | os.PathLike, map_location="cpu", **overrides):

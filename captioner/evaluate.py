@@ -16,6 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from captioner import clipscore
 from captioner.api import Captioner
 from captioner.checkpoint import read_checkpoint
 from captioner.config import hydra_main
@@ -50,6 +51,7 @@ def run(cfg: DictConfig) -> dict:
         if not cfg.references:
             raise ValueError("results=... needs references=... (a COCO captions file with the human captions)")
         captions, scores = score_results_file(cfg.results, cfg.references, cfg.meteor, cfg.spice)
+        scores.unavailable["CLIPScore"] = "a results file has no images: score a checkpoint (ckpt_path=...) for CLIPScore"
         title = f"{cfg.results}: {len(captions)} images"
         split = None
     elif cfg.ckpt_path:
@@ -57,11 +59,17 @@ def run(cfg: DictConfig) -> dict:
         datamodule = datamodule_for(cfg.ckpt_path, cfg.split, cfg.data)
         split = cfg.split
         captions, scores = score_split(captioner, datamodule, split, decoding_from(cfg.decoding), cfg.meteor, cfg.spice, fair=True)
+        clip = clipscore.score_split(captioner.module.encoder, datamodule, split, captions, cfg.clipscore.model)
+        clipscore.add_to(scores.sections, clip)
+        for image_id, values in clip["per_image"].items():
+            scores.per_image[image_id].update(values)
         title = f"{split} split of {cfg.ckpt_path}: {len(captions)} images"
     else:
         raise ValueError("nothing to evaluate: pass ckpt_path=... (caption a split) or results=... references=... (score a file)")
     write_results(output_dir, split, captions, scores)
     print_scores(scores, title)
+    if "clipscore" in scores.sections:
+        clipscore.print_table(scores.sections)
     print(f"wrote {output_dir / 'scores.json'} and {output_dir / 'scores_per_image.json'}")
     return scores.to_dict()
 

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from captioner import clipscore
 from captioner.api import Captioner
 from captioner.checkpoint import read_checkpoint, resolve_ckpt_path
 from captioner.config import hydra_main
@@ -52,8 +53,11 @@ def run(cfg: DictConfig) -> dict:
         datamodule.setup("test")
         captioner = Captioner(module, module.device)
         captions, scores = score_split(captioner, datamodule, "test", decoding_from(cfg.test_decoding), meteor=cfg.score_meteor, fair=True)
+        clip = clipscore.score_split(module.encoder, datamodule, "test", captions, cfg.clipscore.model)
+        clipscore.add_to(scores.sections, clip)
         write_results(output_dir, "test", captions, scores)
         print_scores(scores, f"test split: {len(captions)} images ({output_dir})")
+        clipscore.print_table(scores.sections)
         shown = datamodule.records["test"][:12]
         caption_grid([r.path for r in shown], [captions[r.image_id] for r in shown], output_dir / "samples_test.png",
                      references=[r.captions[0] for r in shown])
@@ -61,6 +65,7 @@ def run(cfg: DictConfig) -> dict:
         metrics.update({f"test/fair_percent_of_human_{k}": v for k, v in scores.fair["percent_of_human"].items()})
         if "scene" in scores.sections:
             metrics["test/scene_accuracy"] = scores.sections["scene"]["accuracy"]
+        metrics.update({f"test/{k}": v for k, v in scores.sections["clipscore"]["model"].items()})
     for logger in loggers:
         logger.finalize("success")
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:

@@ -169,6 +169,7 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), max_batch: int =
             "results": [
                 {"file": name, "caption": result.text, "latency_ms": latency, "width": size[0], "height": size[1]}
                 | ({"attention": overlay(result.attention, size)} if result.attention is not None else {})
+                | ({"retrieved": list(result.retrieved)} if result.retrieved is not None else {})
                 for (name, size, _), result in zip(decoded, results)
             ],
             "latency_ms": latency,
