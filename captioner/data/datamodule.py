@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from captioner.data import shards
 from captioner.data.coco import ImageRecord, load_records
 from captioner.data.features import FeatureStore, encoder_digest, identity_hash
 from captioner.data.noise import add_noise
@@ -124,16 +125,18 @@ class CaptionDataModule(L.LightningDataModule):
     def load_split(self, split: str, **distributed) -> tuple[list[ImageRecord], FeatureStore]:
         """The split's records and feature store, extracted first when needed. `distributed` (rank,
         world_size, barrier, device) shards extraction; under a multi-process Trainer it comes from it."""
-        records = load_records(self.splits[split])
         encoder_spec = self.hparams.encoder
-        # ids and names (a replaced corrupt file resumes the same store) and the encoder: another CLIP,
-        # or a rebuilt pretrained one, gets a store of its own
-        identity = json.dumps([identity_hash(records), encoder_spec, encoder_digest(encoder_spec)], default=str, sort_keys=True)
-        key = hashlib.sha256(identity.encode()).hexdigest()[:12]
         trainer = self.trainer
         if not distributed and trainer is not None and trainer.world_size > 1:
             distributed = dict(rank=trainer.global_rank, world_size=trainer.world_size,
                                barrier=trainer.strategy.barrier, device=trainer.strategy.root_device)
+        if self.splits[split].get("format") == "webdataset":  # tar shards: the records come out of the store
+            return self._load_shards(split, **distributed)
+        records = load_records(self.splits[split])
+        # ids and names (a replaced corrupt file resumes the same store) and the encoder: another CLIP,
+        # or a rebuilt pretrained one, gets a store of its own
+        identity = json.dumps([identity_hash(records), encoder_spec, encoder_digest(encoder_spec)], default=str, sort_keys=True)
+        key = hashlib.sha256(identity.encode()).hexdigest()[:12]
         with torch.random.fork_rng(devices=[]):  # extraction's DataLoader draws a seed: a cold cache must not shift the run
             store = FeatureStore.open_or_extract(
                 Path(self.hparams.cache_dir) / f"{split}-{key}",
@@ -151,6 +154,18 @@ class CaptionDataModule(L.LightningDataModule):
             )
         kept = [r for r in records if r.image_id in store.row]  # skipped unreadable images have no features
         return kept, store
+
+    def _load_shards(self, split: str, **distributed) -> tuple[list[ImageRecord], FeatureStore]:
+        spec, hp = self.splits[split], self.hparams
+        urls = shards.expand(spec["shards"])
+        identity = json.dumps([urls, hp.encoder, encoder_digest(hp.encoder)], default=str, sort_keys=True)  # as load_split's key
+        key = hashlib.sha256(identity.encode()).hexdigest()[:12]
+        with torch.random.fork_rng(devices=[]):
+            return shards.open_or_extract(
+                Path(hp.cache_dir) / f"{split}-{key}", urls, partial(ClipEncoder, hp.encoder, hp.precision), hp.encoder, split,
+                precision=hp.precision, dtype=hp.feature_dtype, tokens=hp.patch_tokens, batch_size=hp.extract_batch_size,
+                num_workers=hp.num_workers, bad_images=hp.bad_images, **distributed,
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
