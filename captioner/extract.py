@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     for split in cfg.splits or list(datamodule.splits):
         records, store = datamodule.load_split(split, **shard)
         stores[split] = store.directory
-        table.add_row(split, str(len(store)), str(len(store.skipped)))
+        table.add_row(split, str(len(records)), str(len(store.skipped)))  # the text store has a row per caption
     if fabric.global_rank == 0:
         Console().print(table)
         print(f"written by {fabric.world_size} process(es) into {Path(cfg.data.cache_dir).resolve()}")

@@ -10,9 +10,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
+from captioner.extract import run as extract
 from captioner.train import run
-from conftest import CONF, SHARED_DATA, compose_train
+from conftest import CONF, ROOT, SHARED_DATA, compose_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 COCO_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("coco_")]
@@ -24,6 +29,17 @@ TOY_CLIP = {  # clip.model.CLIP arguments; the text tower keeps CLIP's BPE vocab
     "context_length": 16, "vocab_size": 49408, "transformer_width": 32, "transformer_heads": 2, "transformer_layers": 1,
 }
 TOY_GPT2 = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64}
+
+
+def compose_extract(output_dir: Path, data_dir: Path, overrides: list[str]) -> DictConfig:
+    """The real `conf/extract.yaml`, composed as `python -m captioner.extract` would."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("extract", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir, cfg.hydra.runtime.cwd, cfg.paths.data_dir = str(output_dir), str(ROOT), str(data_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
 
 
 def flow(mapping: dict) -> str:
@@ -87,9 +103,13 @@ def test_every_experiment_runs_at_tiny_size(experiment, tmp_path, data_dir):
             overrides += ["data.text_batch_size=64"]
     else:
         overrides += ["data.synthetic.root=${paths.data_dir}/synthetic_smoke", "data.synthetic.sizes={train: 64, val: 16, test: 16}"]
+    stores = extract(compose_extract(tmp_path / "extract", data_dir, [o for o in overrides if not o.startswith("debug=")]))
+    assert {"train", "val", "test"} <= set(stores)
+    written = {s: (p / "manifest.json").stat().st_mtime_ns for s, p in stores.items()}
     cfg = compose_train(tmp_path / "run", data_dir, overrides + ["score_meteor=false"])
     metrics = run(cfg)
     assert metrics["train/loss"] == metrics["train/loss"] and metrics["train/loss"] > 0  # finite, a real step ran
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert resolved["task_name"] == "debug" and resolved["trainer"]["fast_dev_run"] is True
+    assert {s: (p / "manifest.json").stat().st_mtime_ns for s, p in stores.items()} == written  # training found them complete
