@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from captioner.pretraining import prepare as prepare_pretrained
 import captioner.train  # noqa: F401 - registers the run_id resolver used by the Hydra config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,6 +43,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     datamodule = instantiate(cfg.data)
     if fabric.global_rank == 0:
         datamodule.prepare_data()  # writes the embedded dataset on first use
+        prepare_pretrained(cfg.get("pretrain"))  # the tiny CLIP that encodes the images, cached (as in train)
     fabric.barrier()
     shard = dict(rank=fabric.global_rank, world_size=fabric.world_size, barrier=fabric.barrier, device=fabric.device)
     table = Table("split", "images", "skipped", title="feature stores")

@@ -203,8 +203,9 @@ def test_a_training_run_reads_the_shards(coco_val, tmp_path, data_dir):
     train = write_shards(coco_val[:64], tmp_path / "train", per_shard=16)
     val = write_shards(coco_val[64:96], tmp_path / "val", per_shard=16)
     cfg = compose_train(tmp_path / "run", data_dir, [
-        "data=webdataset", "model=tiny", f"model.tokenizer={SHARED_DATA / 'gpt2_tokenizer'}",
-        "model.encoder.image_resolution=32", "model.decoder={n_layer: 1, n_embd: 64, n_head: 2, n_positions: 64}", "model.mapper.num_layers=1",
+        "data=webdataset", "model=clipcap", "pretrain=null", f"model.tokenizer={SHARED_DATA / 'gpt2_tokenizer'}",
+        "model.encoder={" + ", ".join(f"{k}: {v}" for k, v in TINY_CLIP.items()) + "}", "model.prefix_length=4",
+        "model.decoder={n_layer: 1, n_embd: 64, n_head: 2, n_positions: 64}", "model.mapper.num_layers=1", "model.mapper.num_heads=2",
         f"data.splits.train.shards='{train}'", f"data.splits.val.shards='{val}'", f"data.cache_dir={tmp_path / 'features'}",
         "data.num_workers=0", "data.batch_size=16", "trainer.max_epochs=1", "+trainer.limit_train_batches=4", "model.val_cider_images=8",
         "logger=csv", "score_meteor=false", "test_decoding={strategy: greedy, max_new_tokens: 8}",
