@@ -102,7 +102,10 @@ def test_every_experiment_runs_at_tiny_size(experiment, tmp_path, data_dir):
         if experiment == "coco_text_only":
             overrides += ["data.text_batch_size=64"]
     else:
-        overrides += ["data.synthetic.root=${paths.data_dir}/synthetic_smoke", "data.synthetic.sizes={train: 64, val: 16, test: 16}"]
+        overrides += ["data.synthetic.root=${paths.data_dir}/synthetic_smoke", "data.synthetic.sizes={train: 64, val: 16, test: 16}",
+                      # experiment=smoke's few pretraining steps: the path runs, in seconds
+                      "pretrain.clip.steps=4", "pretrain.clip.batch_size=32", "pretrain.clip.warmup_steps=1", "pretrain.clip.val_every=2",
+                      "pretrain.lm.steps=4", "pretrain.lm.batch_size=16", "pretrain.lm.warmup_steps=1", "pretrain.lm.val_every=2"]
     stores = extract(compose_extract(tmp_path / "extract", data_dir, [o for o in overrides if not o.startswith("debug=")]))
     assert {"train", "val", "test"} <= set(stores)
     written = {s: (p / "manifest.json").stat().st_mtime_ns for s, p in stores.items()}
