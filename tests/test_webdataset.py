@@ -203,7 +203,7 @@ def test_a_training_run_reads_the_shards(coco_val, tmp_path, data_dir):
     train = write_shards(coco_val[:64], tmp_path / "train", per_shard=16)
     val = write_shards(coco_val[64:96], tmp_path / "val", per_shard=16)
     cfg = compose_train(tmp_path / "run", data_dir, [
-        "data=webdataset", "model=clipcap", "pretrain=null", f"model.tokenizer={SHARED_DATA / 'gpt2_tokenizer'}",
+        "data=webdataset", "model=clipcap", "~pretrain", f"model.tokenizer={SHARED_DATA / 'gpt2_tokenizer'}",
         "model.encoder={" + ", ".join(f"{k}: {v}" for k, v in TINY_CLIP.items()) + "}", "model.prefix_length=4",
         "model.decoder={n_layer: 1, n_embd: 64, n_head: 2, n_positions: 64}", "model.mapper.num_layers=1", "model.mapper.num_heads=2",
         f"data.splits.train.shards='{train}'", f"data.splits.val.shards='{val}'", f"data.cache_dir={tmp_path / 'features'}",
