@@ -39,7 +39,7 @@ ENCODER = dict(  # ViT-B/32's feature shapes (embed 512, 224 px, 32 px patches: 
 def write_split(root: Path, split: str, rows: int, captions: list[str]) -> dict:
     """COCO-format captions + a complete feature store where CaptionDataModule will look for it."""
     from captioner.data.coco import load_coco
-    from captioner.data.features import describe, store_key
+    from captioner.data.features import describe, identity_hash, store_key
 
     coco = {
         "images": [{"id": i, "file_name": f"{split}/{i:08d}.jpg"} for i in range(1, rows + 1)],
@@ -48,7 +48,7 @@ def write_split(root: Path, split: str, rows: int, captions: list[str]) -> dict:
     annotations = root / f"captions_{split}.json"
     annotations.write_text(json.dumps(coco))
     records = load_coco(annotations, root / "images")
-    store = root / "features" / f"{split}-{store_key(records, ENCODER)}"
+    store = root / "features" / f"{split}-{store_key(identity_hash(records), ENCODER)}"
     store.mkdir(parents=True)
     rng = np.random.default_rng(0)
     shapes = {"clip_features": (512,), "patch_tokens": (49, 512)}

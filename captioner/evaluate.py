@@ -39,6 +39,7 @@ def datamodule_for(ckpt_path: str | Path, split: str, overrides: Mapping | None 
             f"data.splits.{split}.images=... (a COCO captions file and its image folder)"
         )
     settings["splits"] = {split: splits[split]}
+    settings.pop("text_batch_size", None)  # text-only training's setting: evaluation reads image features
     datamodule = CaptionDataModule(**settings)
     datamodule.prepare_data()
     datamodule.setup("test")

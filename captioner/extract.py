@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from captioner.config import hydra_main
+from captioner.pretraining import prepare as prepare_pretrained
 
 
 def fabric_for(trainer_cfg: DictConfig) -> L.Fabric:
@@ -38,6 +39,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     datamodule = instantiate(cfg.data)
     if fabric.global_rank == 0:
         datamodule.prepare_data()  # writes the embedded dataset on first use
+        prepare_pretrained(cfg.get("pretrain"))  # the tiny CLIP that encodes the images, cached (as in train)
     fabric.barrier()
     shard = dict(rank=fabric.global_rank, world_size=fabric.world_size, barrier=fabric.barrier, device=fabric.device)
     table = Table("split", "images", "skipped", title="feature stores")
@@ -45,7 +47,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     for split in cfg.splits or list(datamodule.splits):
         records, store = datamodule.load_split(split, **shard)
         stores[split] = store.directory
-        table.add_row(split, str(len(store)), str(len(store.skipped)))
+        table.add_row(split, str(len(records)), str(len(store.skipped)))  # the text store has a row per caption
     if fabric.global_rank == 0:
         Console().print(table)
         print(f"written by {fabric.world_size} process(es) into {Path(cfg.data.cache_dir).resolve()}")

@@ -58,9 +58,10 @@ def run(cfg: DictConfig) -> dict:
         write_results(output_dir, "test", captions, scores)
         print_scores(scores, f"test split: {len(captions)} images ({output_dir})")
         clipscore.print_table(scores.sections)
-        shown = datamodule.records["test"][:12]
-        caption_grid([r.path for r in shown], [captions[r.image_id] for r in shown], output_dir / "samples_test.png",
-                     references=[r.captions[0] for r in shown])
+        shown = [r for r in datamodule.records["test"] if r.path.is_file()][:12]  # tar shards: no image file to show
+        if shown:
+            caption_grid([r.path for r in shown], [captions[r.image_id] for r in shown], output_dir / "samples_test.png",
+                         references=[r.captions[0] for r in shown])
         metrics.update({f"test/{k}": v for k, v in scores.model.items()})
         metrics.update({f"test/fair_percent_of_human_{k}": v for k, v in scores.fair["percent_of_human"].items()})
         if "scene" in scores.sections:

@@ -21,10 +21,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from captioner.data import shards
 from captioner.data.coco import ImageRecord, load_records
 from captioner.data.dataset import CaptionDataset, collate, pairs_for, tokenize
 from captioner.data.extraction import open_or_extract
-from captioner.data.features import FeatureStore, store_key
+from captioner.data.features import FeatureStore, identity_hash, store_key
 from captioner.data.noise import add_noise
 from captioner.data.sampler import ResumableLoader, training_sampler
 from captioner.data.synthetic import write_dataset
@@ -68,13 +69,15 @@ class CaptionDataModule(L.LightningDataModule):
     def load_split(self, split: str, **distributed) -> tuple[list[ImageRecord], FeatureStore]:
         """The split's records and feature store, extracted first when needed. `distributed` (rank,
         world_size, barrier, device) shards extraction; under a multi-process Trainer it comes from it."""
-        records = load_records(self.splits[split])
         encoder_spec = self.hparams.encoder
-        key = store_key(records, encoder_spec)
         trainer = self.trainer
         if not distributed and trainer is not None and trainer.world_size > 1:
             distributed = dict(rank=trainer.global_rank, world_size=trainer.world_size,
                                barrier=trainer.strategy.barrier, device=trainer.strategy.root_device)
+        if self.splits[split].get("format") == "webdataset":  # tar shards: the records come out of the store
+            return self._load_shards(split, **distributed)
+        records = load_records(self.splits[split])
+        key = store_key(identity_hash(records), encoder_spec)
         with torch.random.fork_rng(devices=[]):  # extraction's DataLoader draws a seed: a cold cache must not shift the run
             store = open_or_extract(
                 Path(self.hparams.cache_dir) / f"{split}-{key}",
@@ -92,6 +95,17 @@ class CaptionDataModule(L.LightningDataModule):
             )
         kept = [r for r in records if r.image_id in store.row]  # skipped unreadable images have no features
         return kept, store
+
+    def _load_shards(self, split: str, **distributed) -> tuple[list[ImageRecord], FeatureStore]:
+        spec, hp = self.splits[split], self.hparams
+        urls = shards.expand(spec["shards"])
+        key = store_key("\n".join(urls), hp.encoder)
+        with torch.random.fork_rng(devices=[]):
+            return shards.open_or_extract(
+                Path(hp.cache_dir) / f"{split}-{key}", urls, partial(ClipEncoder, hp.encoder, hp.precision), hp.encoder, split,
+                precision=hp.precision, dtype=hp.feature_dtype, tokens=hp.patch_tokens, batch_size=hp.extract_batch_size,
+                num_workers=hp.num_workers, bad_images=hp.bad_images, **distributed,
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

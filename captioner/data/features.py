@@ -72,10 +72,11 @@ def encoder_digest(encoder_spec) -> str | None:
     return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 
-def store_key(records: Sequence[ImageRecord], encoder_spec) -> str:
-    """The name of a split's store in the cache directory: image ids and names (a replaced corrupt file
-    resumes the same store) and the encoder (another CLIP, or a rebuilt pretrained one, gets its own)."""
-    identity = json.dumps([identity_hash(records), encoder_spec, encoder_digest(encoder_spec)], default=str, sort_keys=True)
+def store_key(images: str, encoder_spec) -> str:
+    """The name of a split's store in the cache directory from what names its images (`identity_hash`
+    of its records: a replaced corrupt file resumes the same store; or its shard list) and the encoder
+    (another CLIP, or a rebuilt pretrained one, gets a store of its own)."""
+    identity = json.dumps([images, encoder_spec, encoder_digest(encoder_spec)], default=str, sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 

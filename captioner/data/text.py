@@ -44,6 +44,8 @@ def caption_hash(records: list[ImageRecord]) -> str:
 class TextFeatureStore:
     """CLIP text embeddings of every caption of a split, memory-mapped; row of (record r, caption k)."""
 
+    skipped: frozenset[int] = frozenset()  # a caption is never unreadable (FeatureStore's field, for the extract table)
+
     def __init__(self, directory: str | Path, records: list[ImageRecord]):
         self.directory = Path(directory)
         self.manifest = json.loads((self.directory / MANIFEST).read_text())
