@@ -56,7 +56,7 @@ class ClipScorer:
     @torch.no_grad()
     def embed_images(self, paths: Sequence) -> torch.Tensor:
         """(N, E) `encode_image` of image files, with this CLIP's preprocessing."""
-        from captioner.data.coco import load_image
+        from captioner.data.images import load_image
 
         out = []
         for s in tqdm(range(0, len(paths), 64), desc="CLIPScore images", unit="batch", leave=False):

@@ -40,8 +40,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner.data.coco import ImageRecord, upright_rgb
-from captioner.data.features import BAD_IMAGE_POLICIES, BadImagesError, FeatureStore, StaleStoreError, describe, differences
+from captioner.data.coco import ImageRecord
+from captioner.data.images import upright_rgb
+from captioner.data.extraction import BAD_IMAGE_POLICIES, BadImagesError
+from captioner.data.features import FeatureStore, describe
+from captioner.data.manifest import StaleStoreError, differences
 
 log = logging.getLogger(__name__)
 
