@@ -94,6 +94,46 @@ def _module_from_hparams(hparams: dict, overrides: dict):
     return CaptionModule(**hparams)
 
 
+def _moved(spec) -> bool:
+    """A local path that is no longer there (not a published name, not a mapping)."""
+    import clip
+
+    return isinstance(spec, str) and spec not in clip.available_models() and ("/" in spec or spec.endswith(".pt")) \
+        and not Path(spec).expanduser().exists()
+
+
+def _architectures(hparams: dict, checkpoint: dict, overrides: dict) -> dict:
+    """Encoder and decoder specs that rebuild the architectures when their files moved away (a pretrained
+    tiny CLIP or GPT-2 in a deleted data/): the weights come from the checkpoint's state dict anyway."""
+    import hashlib
+    import math
+    import tempfile
+
+    import torch
+
+    specs = {}
+    if "encoder" not in overrides and _moved(hparams.get("encoder")):
+        # the frozen CLIP in clip.model.CLIP's own key layout, which clip.model.build_model reads
+        state = {("visual." + k[15:] if k.startswith("encoder.visual.") else k[13:]): v
+                 for k, v in checkpoint["state_dict"].items() if k.startswith(("encoder.visual.", "encoder.text."))}
+        state["logit_scale"] = torch.tensor(math.log(1 / 0.07))  # CLIP's initial temperature; captioning never reads it
+        digest = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in state.values())).hexdigest()[:16]
+        file = Path(tempfile.gettempdir()) / "captioner-encoders" / f"{digest}.pt"
+        if not file.is_file():
+            file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, file.with_suffix(f".{os.getpid()}"))
+            os.replace(file.with_suffix(f".{os.getpid()}"), file)
+        specs["encoder"] = str(file)
+    if "decoder" not in overrides and _moved(hparams.get("decoder")) and checkpoint.get("decoder_config"):
+        import inspect
+
+        from transformers import GPT2Config
+
+        allowed = set(inspect.signature(GPT2Config.__init__).parameters) - {"self", "kwargs", "bos_token_id", "eos_token_id"}
+        specs["decoder"] = {k: v for k, v in checkpoint["decoder_config"].items() if k in allowed}  # built, then loaded
+    return specs
+
+
 def load_module(path: str | os.PathLike, map_location="cpu", **overrides):
     """A `CaptionModule` in eval mode from a Lightning `.ckpt` or an export directory.
 
@@ -108,6 +148,7 @@ def load_module(path: str | os.PathLike, map_location="cpu", **overrides):
     hparams = dict(checkpoint["hyper_parameters"])
     if checkpoint.get("tokenizer_files") and "tokenizer" not in overrides:  # carried by CaptionModule.on_save_checkpoint
         hparams["tokenizer"] = str(write_tokenizer(checkpoint["tokenizer_files"]))
+    hparams.update(_architectures(hparams, checkpoint, overrides))
     module = _module_from_hparams(hparams, overrides)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()

@@ -3,8 +3,10 @@ the value checks, and `hydra_main`, which every Hydra entry point runs through.
 
 Schemas are dataclasses in Hydra's ConfigStore under `schema/`; the YAML files start from them
 (`defaults: [/schema/data@_here_, ...]`), so a wrong type or an unknown key fails at composition.
-Each schema is read from the signature of what the group instantiates (`CaptionDataModule`,
-`CaptionModule`, the mappers, `lightning.Trainer`, `Decoding`): a new constructor argument is a new
+Each schema is read from the signature of what the group instantiates (`CaptionDataModule`, the
+mappers, `lightning.Trainer`, `Decoding`; the model group stays open, because its second stages,
+SCST and retrieval, add arguments of their own and `model.*` values are checked by `check` and the
+module itself): a new constructor argument is a new
 config key, with its default, and never a second list to keep in step. Values a type cannot say
 (a positive batch size, one of a few names) are checked in `check` before anything runs. Either way
 the user sees one line naming the key and what is allowed.
@@ -87,7 +89,6 @@ NoiseSchema = schema_of(add_noise, "NoiseSchema", skip=("features", "generator")
 SyntheticSchema = schema_of(write_dataset, "SyntheticSchema")
 DataSchema = schema_of(CaptionDataModule.__init__, "DataSchema", first=INSTANTIATED,
                        nested={"noise": NoiseSchema, "synthetic": SyntheticSchema})
-ModelSchema = schema_of(CaptionModule.__init__, "ModelSchema", first=INSTANTIATED)
 MapperSchemas = {
     name: schema_of(cls.__init__, f"{cls.__name__}Schema", skip=MAPPER_DIMENSIONS, first=(("name", str, name),))
     for name, cls in MAPPERS.items()
@@ -99,7 +100,6 @@ TrainerSchema = schema_of(L.Trainer.__init__, "TrainerSchema", first=INSTANTIATE
 def register() -> None:
     store = ConfigStore.instance()
     store.store(group="schema", name="data", node=DataSchema)
-    store.store(group="schema", name="model", node=ModelSchema)
     store.store(group="schema", name="trainer", node=TrainerSchema)
     store.store(group="schema", name="decoding", node=DecodingSchema)
     for name, node in MapperSchemas.items():

@@ -76,6 +76,7 @@ class CaptionModule(L.LightningModule):
         )
         if freeze_decoder:
             self.decoder.requires_grad_(False)
+        self.decoder.train(not freeze_decoder)  # from_pretrained returns eval mode; Lightning keeps each module's mode
         if adamw not in ADAMW:
             raise ValueError(f"adamw={adamw!r} is not one of {sorted(ADAMW)} (model.adamw)")
         self.val_decoding: Decoding = decoding_from(val_decoding)
@@ -161,6 +162,8 @@ class CaptionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the tokenizer's files travel with the weights: the checkpoint captions after data/ is gone
         checkpoint["tokenizer_files"] = tokenizer_files(self.hparams.tokenizer, self.tokenizer)
+        # and what rebuilds a decoder that was loaded from a directory (the pretrained tiny GPT-2 in data/)
+        checkpoint["decoder_config"] = self.decoder.config.to_dict()
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]  # frozen weights never reach the optimizer

@@ -46,7 +46,7 @@ def test_a_batch_equals_one_image_at_a_time(captioner, tmp_path):
 def test_decoding_options_reach_the_decoder(captioner):
     image = Image.new("RGB", (64, 64), (40, 170, 60))
     short = captioner.caption(image, max_new_tokens=2)
-    assert len(captioner.module.tokenizer(short)["input_ids"]) <= 2
+    assert len(short.split()) <= 2  # two tokens: two words at most
     assert isinstance(captioner.caption(image, strategy="beam", num_beams=3), str)
     with pytest.raises(ValueError, match="use at most 56"):  # smoke GPT-2: 64 positions, prefix 8
         captioner.caption(image, max_new_tokens=60)

@@ -22,7 +22,7 @@ from conftest import CONF, ROOT, SHARED_DATA, compose_train
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 COCO_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("coco_")]
 TRAINERS = sorted(p.stem for p in (CONF / "trainer").glob("*.yaml"))
-CPU_BUDGET = "00:00:09:00"
+CPU_BUDGET = "00:00:06:00"  # conf/train.yaml: the embedded default's caption-training cap
 
 TOY_CLIP = {  # clip.model.CLIP arguments; the text tower keeps CLIP's BPE vocabulary (coco_text_only embeds captions)
     "embed_dim": 32, "image_resolution": 32, "vision_layers": 1, "vision_width": 64, "vision_patch_size": 8,
@@ -76,9 +76,10 @@ def test_no_gpu_trainer_or_coco_experiment_carries_the_cpu_budget(experiment, tr
     own = yaml.safe_load((CONF / "trainer" / f"{trainer}.yaml").read_text())
     assert "max_time" not in own and "max_epochs" not in own  # a trainer says how to run, not for how long
     if experiment in COCO_EXPERIMENTS:
-        stated = yaml.safe_load((CONF / "experiment" / f"{experiment}.yaml").read_text())["trainer"]
-        assert cfg.trainer.max_time is None and stated["max_time"] is None
-        assert cfg.trainer.max_epochs == stated["max_epochs"] >= 10  # the paper's schedule, stated by the experiment
+        stated = yaml.safe_load((CONF / "experiment" / f"{experiment}.yaml").read_text()).get("trainer") or {}
+        assert cfg.trainer.max_time is None and stated.get("max_time", None) is None
+        if "scst" not in experiment:  # SCST's second stage is an epoch; the others state the paper's schedule
+            assert cfg.trainer.max_epochs == stated["max_epochs"] >= 10
     else:  # the embedded default and its variants keep the embedded default's CPU budget
         assert cfg.trainer.max_time == CPU_BUDGET and cfg.data.synthetic is not None
 
@@ -92,6 +93,8 @@ def test_model_tiny_composes_with_coco_data(tmp_path):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_at_tiny_size(experiment, tmp_path, data_dir):
+    if "scst" in experiment:
+        pytest.skip("SCST starts from a cross-entropy checkpoint: tests/test_scst.py runs experiment=scst from one")
     overrides = [f"experiment={experiment}", "debug=fdr"]
     if experiment in COCO_EXPERIMENTS:
         coco_mini = SHARED_DATA / "coco_mini"
@@ -99,8 +102,6 @@ def test_every_experiment_runs_at_tiny_size(experiment, tmp_path, data_dir):
             pytest.skip("../shared/data/coco_mini is not present")
         overrides += coco_mini_overrides(coco_mini, tmp_path / "features", TOY_CLIP, TOY_GPT2, SHARED_DATA / "gpt2_tokenizer")
         overrides += ["trainer=cpu", "model.prefix_length=4", "model.mapper.num_layers=1", "model.mapper.num_heads=2"]
-        if experiment == "coco_text_only":
-            overrides += ["data.text_batch_size=64"]
     else:
         overrides += ["data.synthetic.root=${paths.data_dir}/synthetic_smoke", "data.synthetic.sizes={train: 64, val: 16, test: 16}",
                       # experiment=smoke's few pretraining steps: the path runs, in seconds

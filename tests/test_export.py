@@ -77,9 +77,9 @@ def test_a_copied_checkpoint_captions_with_the_data_folder_deleted(tmp_path):
     from captioner.api import Captioner
     from captioner.data.images import load_image
 
-    data = tmp_path / "data"  # this run's own data/: the embedded dataset and the tokenizer trained on it
+    data = tmp_path / "data"  # this run's own data/: the embedded dataset, its tokenizer and pretrained CLIP and GPT-2
     run(compose_train(tmp_path / "run", data, ["experiment=smoke", "score=false"]))
-    tokenizer_dir = data / "synthetic_smoke" / "tokenizer"
+    tokenizer_dir = data / "synthetic_smoke" / "features" / "pretrained" / "tokenizer"  # with the pretrained CLIP and GPT-2
     assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["hyper_parameters"]["tokenizer"] == str(tokenizer_dir)
     image = load_image(next((data / "synthetic_smoke" / "images" / "test").glob("*.png")))
     expected = Captioner.from_pretrained(tmp_path / "run" / "checkpoints" / "last.ckpt").caption(image)

@@ -115,6 +115,7 @@ def test_scoring_has_one_public_entry():
     assert public == {"report", "table", "spice_missing", "java_available"}  # report scores; the others show or check
     edges = graph()
     users = {name for name, targets in edges.items() if "captioner.metrics" in targets}
-    assert users == {"captioner.module", "captioner.results"}  # validation, and the split scoring train/evaluate share
+    # validation, the split scoring train/evaluate share, and the SCST reward (PTB-tokenizes its references)
+    assert users == {"captioner.module", "captioner.results", "captioner.reward"}
     for entry in ("captioner.train", "captioner.evaluate"):
         assert "captioner.results" in edges[entry]

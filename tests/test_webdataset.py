@@ -22,7 +22,9 @@ import webdataset as wds
 
 from captioner.data import shards
 from captioner.data.coco import load_coco
-from captioner.data.features import BadImagesError, FeatureStore, StaleStoreError
+from captioner.data.extraction import BadImagesError
+from captioner.data.features import FeatureStore
+from captioner.data.manifest import StaleStoreError
 from captioner.models.encoder import ClipEncoder
 from conftest import ROOT, SHARED_DATA, compose_train
 
