@@ -65,7 +65,7 @@ def _meteor():
     return Meteor()
 
 
-def _tokenize(captions: Mapping[object, Sequence[str]]) -> dict[object, list[str]]:
+def tokenize(captions: Mapping[object, Sequence[str]]) -> dict[object, list[str]]:
     """PTB-tokenize (Java) as COCOEvalCap does: {key: [caption, ...]} -> the same, tokenized."""
     if not java_available():
         raise RuntimeError("the PTB tokenizer and METEOR need Java: install a JRE (e.g. apt-get install default-jre)")
@@ -111,7 +111,7 @@ def _tokenize_both(references: References, results: Results) -> tuple[dict[int, 
     ids = list(references)
     captions = {("ref", i): list(references[i]) for i in ids}
     captions.update({("res", i): [results[i]] for i in ids})
-    tokens = _tokenize(captions)
+    tokens = tokenize(captions)
     return {i: tokens[("ref", i)] for i in ids}, {i: tokens[("res", i)] for i in ids}
 
 

