@@ -60,7 +60,7 @@ def test_smoke_run_writes_captions_and_scores(smoke_cfg, tmp_path):
     run(smoke_cfg())
     out = tmp_path / "run"
     scores = json.loads((out / "scores.json").read_text())
-    assert set(scores) == {"model", "human", "percent_of_human", "fair", "scene"}
+    assert set(scores) == {"model", "human", "percent_of_human", "fair", "scene", "clipscore"}
     assert set(scores["model"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}  # smoke: no METEOR
     assert set(scores["fair"]) == {"model", "human", "percent_of_human"}  # model and humans against the same K-1
     assert scores["scene"]["images"] == 16 and 0 <= scores["scene"]["accuracy"] <= 1

@@ -22,7 +22,7 @@ import webdataset as wds
 
 from captioner.data import shards
 from captioner.data.coco import load_coco
-from captioner.data.extraction import BadImagesError
+from captioner.data.extraction import BadImagesError, open_or_extract
 from captioner.data.features import FeatureStore
 from captioner.data.manifest import StaleStoreError
 from captioner.models.encoder import ClipEncoder
@@ -30,7 +30,7 @@ from conftest import ROOT, SHARED_DATA, compose_train
 
 TINY_CLIP = {  # clip.model.CLIP arguments: the real ViT at toy size
     "embed_dim": 32, "image_resolution": 32, "vision_layers": 1, "vision_width": 64, "vision_patch_size": 8,
-    "context_length": 8, "vocab_size": 100, "transformer_width": 32, "transformer_heads": 2, "transformer_layers": 1,
+    "context_length": 8, "vocab_size": 49408, "transformer_width": 32, "transformer_heads": 2, "transformer_layers": 1,
 }
 BATCH = 10  # shards of 40 images: COCO-format extraction's batches of 10 hold the same images
 
@@ -70,7 +70,7 @@ def test_shards_give_the_coco_format_features_bit_for_bit_key_by_key(coco_val, t
     pattern = write_shards(coco_val, tmp_path / "shards", per_shard=40)
     assert len(shards.expand(pattern)) == 4
     records, store = extract(tmp_path / "wds", pattern)
-    coco = FeatureStore.open_or_extract(tmp_path / "coco", coco_val, partial(ClipEncoder, TINY_CLIP), TINY_CLIP, "val",
+    coco = open_or_extract(tmp_path / "coco", coco_val, partial(ClipEncoder, TINY_CLIP), TINY_CLIP, "val",
                                         dtype="fp32", tokens=True, batch_size=BATCH)
     ours, theirs = arrays(store), arrays(coco)
     assert sorted(ours) == sorted(theirs) and len(ours) == 159

@@ -34,6 +34,16 @@ def dtype_of(precision: str) -> torch.dtype:
     return DTYPES[precision]
 
 
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive holds its code (`<name>/code/...`); a state dict saved by torch.save does not."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+
+
 def load_clip(spec: str | Mapping, seed: int | None = None) -> CLIP:
     """A string loads pretrained weights (a `clip` name such as `ViT-B/32`, or a local `.pt` file);
     a mapping of `clip.model.CLIP` arguments builds that architecture with seeded random weights.
@@ -50,9 +60,11 @@ def load_clip(spec: str | Mapping, seed: int | None = None) -> CLIP:
             return CLIP(**args).float()
     path = Path(spec).expanduser()
     if path.is_file():
-        try:  # OpenAI's releases are TorchScript archives
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        except RuntimeError:  # a plain state dict (clip.load fails on these: it reads on from the failed attempt)
+        if _is_torchscript(path):  # OpenAI's releases are TorchScript archives
+            with warnings.catch_warnings():  # torch deprecates jit.load; OpenAI's files need it
+                warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated", category=FutureWarning)
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:  # a plain state dict (a pretrained tiny CLIP, a converted release)
             state = torch.load(path, map_location="cpu", weights_only=True)
         return build_model(dict(state)).float()  # every size read from the tensors
     if spec not in clip.available_models():
