@@ -30,6 +30,8 @@ def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
+    if cfg.get("threads"):  # jobs side by side (hydra/launcher=local) share the cores instead of fighting for them
+        torch.set_num_threads(int(cfg.threads))
     configure_wandb()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -26,10 +26,14 @@ def _multirun(sweep_dir, data_dir, *overrides: str) -> subprocess.CompletedProce
     return done
 
 
-def test_grid_sweep_summary_has_a_row_per_job_sorted_by_val_cider(tmp_path, data_dir):
+def test_grid_sweep_run_two_at_a_time_has_a_summary_row_per_job_sorted_by_val_cider(tmp_path, data_dir):
     sweep = tmp_path / "grid"
-    # the command line replaces conf/sweep/grid.yaml's rows with tiny values: 2 x 2 x 1 = 4 jobs
-    _multirun(sweep, data_dir, "sweep=grid", "model.prefix_length=4,8", "model.mapper.num_layers=1,2", "data.noise.rate=0.1")
+    # the command line replaces conf/sweep/grid.yaml's rows with tiny values: 2 x 2 x 1 = 4 jobs,
+    # two side by side (hydra/launcher=local: joblib processes), one torch thread each
+    _multirun(sweep, data_dir, "sweep=grid", "model.prefix_length=4,8", "model.mapper.num_layers=1,2", "data.noise.rate=0.1",
+              "hydra/launcher=local", "threads=1")
+    launcher = OmegaConf.load(sweep / "multirun.yaml").hydra.launcher
+    assert launcher._target_.endswith("JoblibLauncher") and launcher.n_jobs == 2
     table = pd.read_csv(sweep / "summary.csv")
     assert len(table) == 4
     assert sorted(zip(table["model.prefix_length"], table["model.mapper.num_layers"])) == [(4, 1), (4, 2), (8, 1), (8, 2)]
@@ -38,6 +42,7 @@ def test_grid_sweep_summary_has_a_row_per_job_sorted_by_val_cider(tmp_path, data
     for _, row in table.iterrows():  # each row's values are that job's own config and score
         job = OmegaConf.load(sweep / str(row["job"]) / "config.yaml")
         assert job.model.prefix_length == row["model.prefix_length"] and job.model.mapper.num_layers == row["model.mapper.num_layers"]
+        assert job.threads == 1
         assert json.loads((sweep / str(row["job"]) / "metrics.json").read_text())["val/cider"] == row["val/cider"]
     markdown = (sweep / "summary.md").read_text().splitlines()
     assert markdown[0].startswith("| job | model.prefix_length | model.mapper.num_layers | data.noise.rate | val/cider")
