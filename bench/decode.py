@@ -222,7 +222,7 @@ def main() -> None:
         sys.exit("error: --device cuda but torch sees no GPU here: run on a GPU machine or drop --device")
     global WARMUP
     WARMUP = args.warmup
-    console = Console()
+    console = Console(width=150)  # the tables stay whole in logs
     if not args.skip_speed:
         if not (Path(args.tokenizer) / "vocab.json").is_file():
             sys.exit(f"GPT-2's tokenizer files are not in {args.tokenizer}: pass --tokenizer DIR (vocab.json + merges.txt)")
