@@ -69,7 +69,7 @@ def sync(device: str) -> None:
 def write_data(root: Path) -> dict:
     """coco_mini's captions as a COCO-format split + a complete feature store of random 512-d features."""
     from captioner.data.coco import load_coco
-    from captioner.data.features import describe, identity_hash
+    from captioner.data.features import describe, identity_hash, store_key
 
     karpathy = json.loads((SHARED / "coco_mini" / "annotations" / "dataset_coco_mini_karpathy_format.json").read_text())
     images = [{"id": im["cocoid"], "file_name": f"{im['filepath']}/{im['filename']}"} for im in karpathy["images"]]
@@ -80,7 +80,7 @@ def write_data(root: Path) -> dict:
     features = np.random.default_rng(0).standard_normal((len(records), 512), dtype=np.float32).astype(np.float16)
     split = {"annotations": str(path), "images": str(root / "images")}
     for name in ("train", "val"):  # val: the DataModule's second split (never run: limit_val_batches=0)
-        store = root / "features" / f"{name}-{identity_hash(records)[:12]}"
+        store = root / "features" / f"{name}-{store_key(identity_hash(records), ENCODER)}"  # the name the DataModule looks for
         store.mkdir(parents=True)
         np.save(store / "clip_features.npy", features)
         manifest = {**describe(records, ENCODER, "fp32", 224, name, "fp16", False), "skipped": []}
