@@ -71,3 +71,27 @@ def test_smoke_run_writes_clipscore(smoke_cfg):
     assert set(clip["model"]) == {"CLIPScore", "RefCLIPScore"} and set(clip["human"]) == {"CLIPScore", "RefCLIPScore"}
     assert all(0 <= v <= 2.5 for v in clip["model"].values())
     assert clip["clip"] == "the model's CLIP"
+
+
+def test_the_trained_model_scores_its_own_captions_above_them_shuffled_across_images(distinct_ckpt):
+    """With the model's CLIP, as every run's scores.json: a caption of this image beats another image's."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from captioner.api import Captioner
+    from captioner.clipscore import score_split
+    from captioner.generate import Decoding
+    from captioner.results import caption_split
+
+    datamodule = instantiate(OmegaConf.load(distinct_ckpt.parents[1] / "config.yaml").data)  # the run's stores
+    datamodule.setup("test")
+    captioner = Captioner.from_pretrained(distinct_ckpt)
+    captions = caption_split(captioner, datamodule, "test", Decoding(strategy="greedy", max_new_tokens=20))
+    ids = sorted(captions)
+    assert len(ids) == 16 and len(set(captions.values())) >= 8, captions  # captions that follow the image
+    own = score_split(captioner.module.encoder, datamodule, "test", captions)["scores"]["model"]
+    for shift in (1, 2, 3):  # each image gets the caption of the image `shift` places on
+        shuffled = {i: captions[j] for i, j in zip(ids, ids[shift:] + ids[:shift])}
+        theirs = score_split(captioner.module.encoder, datamodule, "test", shuffled)["scores"]["model"]
+        assert own["CLIPScore"] > theirs["CLIPScore"] + 0.2, (shift, own, theirs)
+        assert own["RefCLIPScore"] > theirs["RefCLIPScore"], (shift, own, theirs)

@@ -18,6 +18,7 @@ from PIL import Image
 from captioner.api import Captioner
 from captioner.web.app import Limits, create_app
 from captioner.web.batcher import MicroBatcher
+from conftest import scenes
 
 
 def free_port() -> int:
@@ -27,8 +28,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def captioner(embedded_ckpt) -> Captioner:
-    return Captioner.from_pretrained(embedded_ckpt)
+def captioner(distinct_ckpt) -> Captioner:
+    return Captioner.from_pretrained(distinct_ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +183,15 @@ def test_raw_image_body_and_the_same_caption_as_the_api(server, captioner):
     assert response.json()["results"][0]["caption"] == captioner.caption(Image.open(io.BytesIO(JPEG)))
 
 
+def test_each_image_of_a_request_gets_its_own_caption(server, captioner):
+    pngs = [encode(image, "PNG") for image in scenes("large red circle", "row of three", "large blue square left")]
+    expected = captioner.caption([Image.open(io.BytesIO(png)) for png in pngs])
+    assert len(set(expected)) == len(pngs), expected  # a model that ignored the image would pass what follows
+    response = post(server, files=[("images", (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs)])
+    assert response.status_code == 200, response.text
+    assert [r["caption"] for r in response.json()["results"]] == expected
+
+
 def test_beam_search_and_attention_overlay(server, captioner):
     response = post(server, files={"images": ("a.jpg", JPEG, "image/jpeg")}, params={"strategy": "beam", "num_beams": 3, "attention": True})
     assert response.status_code == 200, response.text
@@ -204,10 +214,10 @@ def test_page_health_and_openapi(server):
 
 
 def test_concurrent_requests_share_a_forward_and_get_their_own_captions(server, captioner):
-    images = [scene((64 + 8 * i, 64)) for i in range(8)]
-    for i, image in enumerate(images):
-        image.paste((40, 80, 220), (4 * i, 30, 4 * i + 20, 50))
+    names = ["large red circle", "row of three", "large blue square left", "green above red"]
+    images = scenes(*names) + scenes(*reversed(names))  # 8 requests, each scene twice
     expected = captioner.caption(images)
+    assert len(set(expected)) == len(names), expected  # each scene its own caption: a shared one would pass below
 
     async def burst():
         async with httpx.AsyncClient(timeout=60) as client:
@@ -244,11 +254,11 @@ def test_the_batcher_groups_queued_requests_and_keeps_their_order():
     assert calls == [("greedy", [0]), ("greedy", [1, 2, 4]), ("beam", [3])]  # one forward per decoding
 
 
-def test_int8_and_bf16_options_are_wired(embedded_ckpt):
-    quantized = Captioner.from_pretrained(embedded_ckpt, int8=True)
+def test_int8_and_bf16_options_are_wired(distinct_ckpt):
+    quantized = Captioner.from_pretrained(distinct_ckpt, int8=True)
     assert isinstance(quantized.caption(scene()), str) and quantized.precision == "int8"
-    assert Captioner.from_pretrained(embedded_ckpt, precision="bf16").precision == "bf16"
+    assert Captioner.from_pretrained(distinct_ckpt, precision="bf16").precision == "bf16"
     with pytest.raises(ValueError, match="choose one"):
-        Captioner.from_pretrained(embedded_ckpt, int8=True, precision="bf16")
+        Captioner.from_pretrained(distinct_ckpt, int8=True, precision="bf16")
     with pytest.raises(ValueError, match="precision 'fp8'"):
-        Captioner.from_pretrained(embedded_ckpt, precision="fp8")
+        Captioner.from_pretrained(distinct_ckpt, precision="fp8")
