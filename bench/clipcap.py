@@ -5,9 +5,9 @@ global length (mean + 10 std of the token counts, capped at the longest) with to
 `ignore_index=0`; `ClipCaptionModel` / `ClipCaptionPrefix` (the frozen-GPT-2 variant freezes by
 overriding `parameters()`, so GPT-2's weight gradients are still computed every step); the loop is
 its `train()`: `DataLoader(shuffle=True, drop_last=True)`, AdamW (transformers' for-loop AdamW, i.e.
-torch's single-tensor implementation), the linear warm-up schedule, fp32 on one device. The mapper
-classes are the same as tests/test_clipcap_import.py's reference (which checks our import against
-them); a published ClipCap checkpoint loads into them.
+torch's single-tensor implementation), the linear warm-up schedule, fp32 on one device. The model
+classes are also tests/test_clipcap_import.py's reference (it checks our import against them); a
+published ClipCap checkpoint loads into them.
 """
 
 from __future__ import annotations

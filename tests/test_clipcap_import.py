@@ -1,132 +1,29 @@
 """ClipCap checkpoints import with identical logits (the minGPT pattern: same weights, same inputs).
 
-The reference below re-implements ClipCap's model (rmokady/CLIP_prefix_caption, train.py:
-`MLP`, `MultiHeadAttention`, `TransformerLayer`, `Transformer`, `TransformerMapper`,
-`ClipCaptionModel`) line for line, so its state dict has ClipCap's exact key layout.
+The reference is ClipCap's model (rmokady/CLIP_prefix_caption, train.py: `MLP`, `MultiHeadAttention`,
+`TransformerLayer`, `Transformer`, `TransformerMapper`, `ClipCaptionModel`) as bench/clipcap.py writes
+it out line for line for the training bench, so its state dict has ClipCap's exact key layout.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
-import torch.nn.functional as nnf
-from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from captioner.import_clipcap import ClipCapImportError, import_clipcap, main
 from captioner.pretraining import train_tokenizer
 from captioner.module import CaptionModule
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))  # bench/ is scripts, not a package: bench/train.py imports clipcap the same way
+from clipcap import ClipCaptionModel  # noqa: E402 - ClipCap's model, line for line
 
 CLIP = {"embed_dim": 48, "image_resolution": 32, "vision_layers": 1, "vision_width": 64, "vision_patch_size": 16,
         "context_length": 16, "vocab_size": 49408, "transformer_width": 32, "transformer_heads": 2, "transformer_layers": 1}
-
-
-# ---- ClipCap's model, as in its train.py -------------------------------------------------------
-class MLP(nn.Module):
-    def __init__(self, sizes, bias=True, act=nn.Tanh):
-        super().__init__()
-        layers = []
-        for i in range(len(sizes) - 1):
-            layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias))
-            if i < len(sizes) - 2:
-                layers.append(act())
-        self.model = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.model(x)
-
-
-class MlpTransformer(nn.Module):
-    def __init__(self, in_dim, h_dim, out_d=None, act=nnf.relu, dropout=0.0):
-        super().__init__()
-        out_d = out_d if out_d is not None else in_dim
-        self.fc1, self.act, self.fc2, self.dropout = nn.Linear(in_dim, h_dim), act, nn.Linear(h_dim, out_d), nn.Dropout(dropout)
-
-    def forward(self, x):
-        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
-
-
-class MultiHeadAttention(nn.Module):
-    def __init__(self, dim_self, dim_ref, num_heads, bias=True, dropout=0.0):
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = (dim_self // num_heads) ** -0.5
-        self.to_queries = nn.Linear(dim_self, dim_self, bias=bias)
-        self.to_keys_values = nn.Linear(dim_ref, dim_self * 2, bias=bias)
-        self.project = nn.Linear(dim_self, dim_self)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x, y=None, mask=None):
-        y = y if y is not None else x
-        b, n, c = x.shape
-        _, m, d = y.shape
-        queries = self.to_queries(x).reshape(b, n, self.num_heads, c // self.num_heads)
-        keys_values = self.to_keys_values(y).reshape(b, m, 2, self.num_heads, c // self.num_heads)
-        keys, values = keys_values[:, :, 0], keys_values[:, :, 1]
-        attention = torch.einsum("bnhd,bmhd->bnmh", queries, keys) * self.scale
-        attention = attention.softmax(dim=2)
-        out = torch.einsum("bnmh,bmhd->bnhd", attention, values).reshape(b, n, c)
-        return self.project(out), attention
-
-
-class TransformerLayer(nn.Module):
-    def __init__(self, dim_self, dim_ref, num_heads, mlp_ratio=4.0, bias=False, dropout=0.0, act=nnf.relu):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim_self)
-        self.attn = MultiHeadAttention(dim_self, dim_ref, num_heads, bias=bias, dropout=dropout)
-        self.norm2 = nn.LayerNorm(dim_self)
-        self.mlp = MlpTransformer(dim_self, int(dim_self * mlp_ratio), act=act, dropout=dropout)
-
-    def forward(self, x, y=None, mask=None):
-        x = x + self.attn(self.norm1(x), y, mask)[0]
-        return x + self.mlp(self.norm2(x))
-
-
-class Transformer(nn.Module):
-    def __init__(self, dim_self, num_heads, num_layers, mlp_ratio=2.0):
-        super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(dim_self, dim_self, num_heads, mlp_ratio) for _ in range(num_layers))
-
-    def forward(self, x, y=None, mask=None):
-        for layer in self.layers:
-            x = layer(x, y, mask)
-        return x
-
-
-class TransformerMapper(nn.Module):
-    def __init__(self, dim_clip, dim_embedding, prefix_length, clip_length, num_layers=8):
-        super().__init__()
-        self.clip_length = clip_length
-        self.transformer = Transformer(dim_embedding, 8, num_layers)
-        self.linear = nn.Linear(dim_clip, clip_length * dim_embedding)
-        self.prefix_const = nn.Parameter(torch.randn(prefix_length, dim_embedding), requires_grad=True)
-
-    def forward(self, x):
-        x = self.linear(x).view(x.shape[0], self.clip_length, -1)
-        prefix = self.prefix_const.unsqueeze(0).expand(x.shape[0], *self.prefix_const.shape)
-        prefix = torch.cat((x, prefix), dim=1)
-        return self.transformer(prefix)[:, self.clip_length :]
-
-
-class ClipCaptionModel(nn.Module):
-    def __init__(self, gpt, prefix_length, clip_length=None, prefix_size=512, num_layers=8, mapping_type="mlp"):
-        super().__init__()
-        self.prefix_length = prefix_length
-        self.gpt = gpt  # ClipCap: GPT2LMHeadModel.from_pretrained('gpt2')
-        self.gpt_embedding_size = self.gpt.transformer.wte.weight.shape[1]
-        if mapping_type == "mlp":
-            d, p = self.gpt_embedding_size, prefix_length
-            self.clip_project = MLP((prefix_size, (d * p) // 2, d * p))
-        else:
-            self.clip_project = TransformerMapper(prefix_size, self.gpt_embedding_size, prefix_length, clip_length, num_layers)
-
-    def forward(self, tokens, prefix, mask=None):
-        embedding_text = self.gpt.transformer.wte(tokens)
-        prefix_projections = self.clip_project(prefix).view(-1, self.prefix_length, self.gpt_embedding_size)
-        embedding_cat = torch.cat((prefix_projections, embedding_text), dim=1)
-        return self.gpt(inputs_embeds=embedding_cat, attention_mask=mask)
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
