@@ -44,7 +44,7 @@ from captioner.data.coco import ImageRecord
 from captioner.data.images import upright_rgb
 from captioner.data.extraction import BAD_IMAGE_POLICIES, BadImagesError
 from captioner.data.features import FeatureStore, describe
-from captioner.data.manifest import StaleStoreError, differences
+from captioner.data.manifest import StaleStoreError, check_manifest, differences, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -290,14 +290,9 @@ def open_or_extract(
     if bad_images not in BAD_IMAGE_POLICIES:
         raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r} (data.bad_images)")
     directory, urls, barrier = Path(directory), expand(shards), barrier or (lambda: None)
-    manifest = directory / "manifest.json"
-    if manifest.exists():
-        found = json.loads(manifest.read_text())
+    if read_manifest(directory) is not None:
         wanted = {k: v for k, v in _settings([], encoder_spec, precision, 0, split, dtype, tokens, urls).items() if k != "preprocessing"}
-        diff = differences(found, wanted)
-        if diff:
-            raise StaleStoreError(f"feature store {directory} was made with other settings: {'; '.join(diff)}. "
-                                  f"Delete the directory to re-extract, or point data.cache_dir elsewhere.")
+        check_manifest(directory, wanted, "feature store", "Delete the directory to re-extract, or point data.cache_dir elsewhere.")
         store = FeatureStore(directory)
         return records_of(store), store
     encoder = encoder_factory().to(device)
