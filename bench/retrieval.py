@@ -14,9 +14,7 @@ max(2*B*N*E FLOPs / fp32 peak, N*E*4 bytes / read bandwidth): batch 1 is bound b
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,17 +25,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.roofline import COLUMNS, Work, probe  # noqa: E402
-
-
-def _median_seconds(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from bench.roofline import COLUMNS, Work, probe, timed  # noqa: E402
 
 
 def torch_search(store: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
@@ -78,12 +66,12 @@ def main() -> None:
                 index.add(store.numpy())
             for b in args.queries:
                 queries = F.normalize(torch.randn(b, e), dim=-1)
-                ours = _median_seconds(lambda: torch_search(store, queries, args.k), args.runs)
+                ours = timed(lambda: torch_search(store, queries, args.k), args.runs)[0]
                 work = Work(bytes=store.numel() * 4)
                 work.flops["fp32"] = 2 * b * n * e
                 row = [f"{n:,}", str(e), str(b), f"{ours * 1e3:.2f}"]
                 if index is not None:
-                    theirs = _median_seconds(lambda: index.search(queries.numpy(), args.k), args.runs)
+                    theirs = timed(lambda: index.search(queries.numpy(), args.k), args.runs)[0]
                     same = torch.equal(torch.from_numpy(index.search(queries.numpy(), args.k)[1]), torch_search(store, queries, args.k))
                     row += [f"{theirs * 1e3:.2f}", f"{theirs / ours:.2f}x", "yes" if same else "no"]
                 else:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.roofline import timed  # noqa: E402
 from captioner.results import load_references  # noqa: E402
 from captioner.reward import CiderD, tokenize_fast  # noqa: E402
 
@@ -57,16 +57,6 @@ def default_references() -> Path:
 def perturb(caption: str, rng: random.Random, vocab: list[str]) -> str:
     words = [w if rng.random() < 0.85 else rng.choice(vocab) for w in caption.split() if rng.random() > 0.1]
     return " ".join(words)
-
-
-def timed(fn, runs: int) -> tuple[float, object]:
-    fn()  # warm-up
-    times, out = [], None
-    for _ in range(runs):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 def main() -> None:

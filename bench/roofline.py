@@ -20,6 +20,7 @@ is "how close to the limit", whichever limit binds (the bound column says which)
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 import warnings
 from collections import defaultdict
@@ -66,6 +67,18 @@ def _best(fn, device: str, repeats: int) -> float:
         _sync(device)
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def timed(fn, runs: int) -> tuple[float, object]:
+    """(median seconds of `runs` calls after one untimed warm-up, the last call's result): a method's
+    typical time, where `_best` above gives the hardware's best."""
+    fn()
+    times, out = [], None
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
 
 
 @torch.inference_mode()
