@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+
+
+class _NoAdvert(logging.Filter):
+    """Lightning 2.6 advertises its hosted logger whenever a Trainer has no LitLogger; nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip: For seamless cloud logging")
+
+
+for _name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):  # where rank_zero_info logs
+    logging.getLogger(_name).addFilter(_NoAdvert())
 
 
 def configure_wandb() -> None:

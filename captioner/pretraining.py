@@ -27,6 +27,7 @@ from filelock import FileLock
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
+import captioner.loggers  # noqa: F401  (quiets Lightning's logger advert for every Trainer)
 from captioner.data.coco import ImageRecord, load_records
 from captioner.data.dataset import collate
 from captioner.data.pairs import CaptionTexts, ImageCaptionPairs, pairs_hash

@@ -26,7 +26,7 @@ from captioner.scene import table as scene_table
 @torch.no_grad()
 def caption_split(captioner: Captioner, datamodule, split: str, decoding: Decoding) -> dict[int, str]:
     """{image_id: caption} for every image of `split` (features from the datamodule's store)."""
-    loader = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}[split]()
+    loader = datamodule.eval_dataloader(split)
     captions: dict[int, str] = {}
     for batch in tqdm(loader, desc=f"caption {split}", unit="batch"):
         captions.update(zip(batch["image_id"].tolist(), captioner.caption_features(batch, decoding)))

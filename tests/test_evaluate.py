@@ -13,7 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from captioner import metrics
-from captioner.evaluate import run
+from captioner.checkpoint import read_checkpoint
+from captioner.evaluate import datamodule_for, run
 from captioner.results import load_results, score_results_file
 from conftest import CONF, ROOT
 
@@ -156,6 +157,12 @@ def test_checkpoint_mode_captions_and_scores_a_split(smoke_cfg, tmp_path):
     assert "METEOR" not in scores["model"] and math.isfinite(scores["model"]["CIDEr"])
     per_image = json.loads((out / "scores_per_image.json").read_text())
     assert {r["image_id"] for r in per_image} == {c["image_id"] for c in captions}
+    # the training split too (how much of what it learnt it reproduces), each image captioned once
+    run(compose_eval(tmp_path / "eval_train", [f"ckpt_path={ckpt}", "split=train", "meteor=false", "decoding.strategy=greedy", "decoding.max_new_tokens=12"]))
+    train_split = read_checkpoint(ckpt)["datamodule_hyper_parameters"]["splits"]["train"]
+    train_ids = [image["id"] for image in json.loads(Path(train_split["annotations"]).read_text())["images"]]
+    assert sorted(c["image_id"] for c in json.loads((tmp_path / "eval_train" / "captions_train.json").read_text())) == sorted(train_ids)
+    assert len(datamodule_for(ckpt, "train").eval_dataloader("train").dataset) == len(train_ids)
     with pytest.raises(ValueError, match="int8 and precision=bf16"):  # the options reach Captioner.from_pretrained
         run(compose_eval(tmp_path / "eval_both", [f"ckpt_path={ckpt}", "int8=true", "precision=bf16"]))
     assert not (tmp_path / "eval_both" / "scores.json").exists()

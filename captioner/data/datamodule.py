@@ -123,6 +123,8 @@ class CaptionDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         # training resumes mid-epoch at the same batch (data/sampler.py); evaluation reads in order
         dataset = self.datasets[split]
+        if not shuffle and split == "train":  # evaluating the training split: one item per image, not per caption
+            dataset = CaptionDataset(dataset.store, dataset.records, dataset.tokens, pairs_for("eval", dataset.records))
         batch_size = self.hparams.batch_size if shuffle else self.hparams.eval_batch_size
         sampler = training_sampler(dataset.lengths(), self.hparams.seed, batch_size, self.hparams.length_buckets) if shuffle else None
         return (ResumableLoader if shuffle else DataLoader)(
@@ -143,6 +145,10 @@ class CaptionDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Every image of `split` once, in order (captioning a split, the training split included)."""
+        return self._loader(split, shuffle=False)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is None or not self.trainer.training:
