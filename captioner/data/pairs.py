@@ -32,7 +32,7 @@ class ImageCaptionPairs(Dataset):
     """Every (image, caption) pair of `records`, or only each image's first caption (`first_only`).
 
     `preload` decodes and preprocesses every image once into memory (a small dataset: the embedded
-    default's 4,000 images at 64 px are 190 MB), so an epoch costs no decoding; otherwise each item
+    default's 8,000 images at 64 px are 390 MB), so an epoch costs no decoding; otherwise each item
     decodes its file."""
 
     def __init__(self, records: Sequence[ImageRecord], preprocess: Callable, context_length: int,

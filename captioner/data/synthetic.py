@@ -184,7 +184,7 @@ def write_dataset(
 ) -> Path:
     """Write the dataset under `root` unless an identical one is already there; returns `root`."""
     root = Path(root)
-    sizes = dict(sizes or {"train": 4000, "val": 200, "test": 200})
+    sizes = dict(sizes or {"train": 8000, "val": 200, "test": 200})
     spec = {"format_version": FORMAT_VERSION, "seed": seed, "sizes": sizes, "image_size": image_size}
     manifest = root / "manifest.json"
     if manifest.exists() and json.loads(manifest.read_text()) == spec:
