@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
 
@@ -28,6 +31,12 @@ def configure_wandb() -> None:
     logged_in = "WANDB_API_KEY" in os.environ or netrc.exists() and "api.wandb.ai" in netrc.read_text()
     if not logged_in:
         os.environ["WANDB_MODE"] = "offline"
+
+
+def build_loggers(configs: Mapping | None) -> list[Logger]:
+    """The run's loggers from `cfg.logger` (name -> _target_ config), W&B offline unless logged in."""
+    configure_wandb()
+    return [instantiate(c) for c in (configs or {}).values()]
 
 
 class WandbLogger(LightningWandbLogger):

@@ -27,7 +27,7 @@ from filelock import FileLock
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-import captioner.loggers  # noqa: F401  (quiets Lightning's logger advert for every Trainer)
+from captioner.loggers import build_loggers  # importing it also quiets Lightning's logger advert for every Trainer
 from captioner.data.coco import ImageRecord, load_records
 from captioner.data.dataset import collate
 from captioner.data.pairs import CaptionTexts, ImageCaptionPairs, pairs_hash
@@ -166,12 +166,14 @@ def build_lm(
     weight_decay: float = 0.01,
     warmup_steps: int = 100,
     max_tokens: int = 40,
+    captions_per_text: int = 1,
     seed: int = 0,
     precision: str = "32-true",
     val_every: int | None = 250,
     loggers: Sequence = (),
 ) -> Path:
-    """`out/`: a GPT-2 of architecture `arch` pretrained as a language model on the training captions."""
+    """`out/`: a GPT-2 of architecture `arch` pretrained as a language model on the training captions,
+    `captions_per_text` captions of one image to a text (data/pairs.py::CaptionTexts)."""
     from captioner.models.caption_lm import CaptionLM
 
     out = Path(out)
@@ -180,7 +182,8 @@ def build_lm(
     wanted = {
         "kind": "caption language model", "version": MANIFEST_VERSION, "arch": _plain(arch), "steps": steps,
         "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
-        "max_tokens": max_tokens, "seed": seed, "precision": precision, "data": pairs_hash(records),
+        "max_tokens": max_tokens, "captions_per_text": captions_per_text, "seed": seed, "precision": precision,
+        "data": pairs_hash(records),
         "tokenizer": hashlib.sha256(vocab.read_bytes()).hexdigest() if vocab.is_file() else str(tokenizer),
     }
     with FileLock(str(out) + ".lock"), torch.random.fork_rng(devices=[]):
@@ -189,11 +192,11 @@ def build_lm(
         torch.manual_seed(seed)
         module = CaptionLM(arch, str(tokenizer), lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, seed=seed)
         pad = partial(collate, pad_id=module.tokenizer.pad_token_id)
-        loader = DataLoader(CaptionTexts(records, module.tokenizer, max_tokens), batch_size=batch_size, shuffle=True,
+        loader = DataLoader(CaptionTexts(records, module.tokenizer, max_tokens, captions_per_text), batch_size=batch_size, shuffle=True,
                             drop_last=True, collate_fn=pad, generator=torch.Generator().manual_seed(seed))
         val_loader = None
         if val:
-            val_loader = DataLoader(CaptionTexts(_records(val, "GPT-2 validation"), module.tokenizer, max_tokens),
+            val_loader = DataLoader(CaptionTexts(_records(val, "GPT-2 validation"), module.tokenizer, max_tokens, captions_per_text),
                                     batch_size=256, collate_fn=pad)
         out.mkdir(parents=True, exist_ok=True)
         trainer = _trainer(out, steps, precision, val_every if val_loader else None, loggers)
@@ -224,7 +227,6 @@ def prepare(pretrain: Mapping | None, loggers: Sequence = ()) -> None:
 def run_steps(cfg, names: Sequence[str]) -> dict[str, Path]:
     """What `python -m captioner.pretrain_clip` / `pretrain_lm` do: write the embedded dataset when it is
     configured, then build the named steps of `cfg.pretrain` (cached), logging to `cfg.logger` too."""
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     if not cfg.get("pretrain"):
@@ -233,7 +235,7 @@ def run_steps(cfg, names: Sequence[str]) -> dict[str, Path]:
         from captioner.data.synthetic import write_dataset
 
         write_dataset(**OmegaConf.to_container(cfg.data.synthetic, resolve=True))
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    loggers = build_loggers(cfg.get("logger"))
     pretrain = OmegaConf.to_container(cfg.pretrain, resolve=True)
     prepare({name: pretrain[name] for name in names if pretrain.get(name)}, loggers)
     built = {name: Path(pretrain[name]["out"]) for name in names if pretrain.get(name)}

@@ -20,7 +20,7 @@ from captioner.checkpoint import read_checkpoint, resolve_ckpt_path
 from captioner.config import hydra_main
 from captioner.generate import decoding_from
 from captioner.grid import caption_grid
-from captioner.loggers import configure_wandb
+from captioner.loggers import build_loggers
 from captioner.pretraining import prepare as prepare_pretrained
 from captioner.results import print_scores, score_split, write_results
 
@@ -32,7 +32,6 @@ def run(cfg: DictConfig) -> dict:
     torch.set_float32_matmul_precision("high")
     if cfg.get("threads"):  # jobs side by side (hydra/launcher=local) share the cores instead of fighting for them
         torch.set_num_threads(int(cfg.threads))
-    configure_wandb()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # DDP: every process runs this; one set of outputs
@@ -43,7 +42,7 @@ def run(cfg: DictConfig) -> dict:
     prepare_pretrained(cfg.get("pretrain"))  # the tiny models' tokenizer, CLIP and GPT-2, cached by manifest
     module = instantiate(cfg.model)  # before any feature extraction: absent weights fail at once
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    loggers = build_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
 

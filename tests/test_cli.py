@@ -12,7 +12,8 @@ import pytest
 
 from conftest import ROOT
 
-ENTRY_POINTS = ["train", "evaluate", "extract", "caption", "serve", "export", "sweep_summary", "import_clipcap"]
+ENTRY_POINTS = ["train", "evaluate", "extract", "caption", "serve", "export", "sweep_summary", "import_clipcap", "pretrain_clip",
+                "pretrain_lm"]
 
 
 def command(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -56,3 +57,18 @@ def test_a_smoke_run_prints_no_warning(tmp_path, data_dir):
     for message in UNACTIONABLE:
         assert message not in done.stderr + done.stdout, message
     assert not re.search(r"\w+Warning: |WARNING", done.stderr), done.stderr[-3000:]
+
+
+def test_pretraining_runs_without_a_wandb_login(tmp_path):
+    """No WANDB_MODE, no key, no ~/.netrc: W&B goes offline, as in training, instead of refusing to start."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "captioner.pretrain_lm", f"hydra.run.dir={tmp_path / 'run'}", "data.synthetic.sizes.train=60",
+         "data.synthetic.sizes.val=20", "data.synthetic.sizes.test=20", "pretrain.lm.steps=2", "pretrain.lm.batch_size=8",
+         "pretrain.tokenizer.vocab_size=300"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**env, "HOME": str(tmp_path), "CAPTIONER_DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "data" / "synthetic" / "features" / "pretrained" / "gpt2" / "model.safetensors").is_file()
+    assert list((tmp_path / "run").rglob("offline-run-*")), "W&B did not log offline"
