@@ -21,7 +21,7 @@ from tqdm import tqdm
 from captioner.data.coco import ImageRecord
 from captioner.data.images import load_image
 from captioner.data.features import FeatureStore, content_hash, describe, file_size
-from captioner.data.manifest import MANIFEST, StaleStoreError, check_manifest, differences, read_manifest, write_json
+from captioner.data.manifest import MANIFEST, StaleStoreError, check_manifest, differences, read_manifest, sole_writer, write_json
 
 log = logging.getLogger(__name__)
 BAD_IMAGE_POLICIES = ("stop", "skip")
@@ -56,26 +56,27 @@ def open_or_extract(
     if bad_images not in BAD_IMAGE_POLICIES:
         raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r} (data.bad_images)")
     directory = Path(directory)
-    found = read_manifest(directory)
-    if found is not None:
-        wanted = describe(records, encoder_spec, precision, 0, split, dtype, tokens)
-        wanted["preprocessing"] = found.get("preprocessing")  # resolution is read from the model only when extracting
-        check_manifest(directory, wanted, "feature store", "Delete the directory to re-extract, or point data.cache_dir elsewhere.")
+    with sole_writer(directory, world_size):
+        found = read_manifest(directory)
+        if found is not None:
+            wanted = describe(records, encoder_spec, precision, 0, split, dtype, tokens)
+            wanted["preprocessing"] = found.get("preprocessing")  # resolution is read from the model only when extracting
+            check_manifest(directory, wanted, "feature store", "Delete the directory to re-extract, or point data.cache_dir elsewhere.")
+            return FeatureStore(directory)
+        encoder = encoder_factory().to(device)
+        wanted = describe(records, encoder_spec, precision, encoder.resolution, split, dtype, tokens)
+        shapes = {"clip_features": (encoder.embed_dim,)}
+        if tokens:
+            shapes["patch_tokens"] = (encoder.num_tokens, encoder.token_dim)
+        job = Extraction(records, encoder, wanted, shapes, batch_size, num_workers, device, rank)
+        if world_size == 1:
+            job.run(directory, bad_images)
+        else:
+            job.run_sharded(directory, bad_images, rank, world_size, barrier or (lambda: None))
+        if not (directory / MANIFEST).exists():  # stopped on bad images: their list is in progress.json
+            bad = {int(k): v for k, v in json.loads((directory / "progress.json").read_text())["bad"].items()}
+            raise BadImagesError(_bad_message(directory, records, bad))
         return FeatureStore(directory)
-    encoder = encoder_factory().to(device)
-    wanted = describe(records, encoder_spec, precision, encoder.resolution, split, dtype, tokens)
-    shapes = {"clip_features": (encoder.embed_dim,)}
-    if tokens:
-        shapes["patch_tokens"] = (encoder.num_tokens, encoder.token_dim)
-    job = Extraction(records, encoder, wanted, shapes, batch_size, num_workers, device, rank)
-    if world_size == 1:
-        job.run(directory, bad_images)
-    else:
-        job.run_sharded(directory, bad_images, rank, world_size, barrier or (lambda: None))
-    if not (directory / MANIFEST).exists():  # stopped on bad images: their list is in progress.json
-        bad = {int(k): v for k, v in json.loads((directory / "progress.json").read_text())["bad"].items()}
-        raise BadImagesError(_bad_message(directory, records, bad))
-    return FeatureStore(directory)
 
 
 def _bad_message(directory: Path, records: Sequence[ImageRecord], bad: Mapping[int, str]) -> str:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+
+from filelock import FileLock
 
 MANIFEST = "manifest.json"
 
@@ -28,6 +31,16 @@ def plain(value):
         return list(v) if isinstance(v, Sequence) and not isinstance(v, str) else str(v)
 
     return json.loads(json.dumps(value, default=default))
+
+
+def sole_writer(directory: Path, world_size: int = 1) -> AbstractContextManager:
+    """Hold it while a store is checked and written: a second run on the same store (jobs of a local
+    sweep side by side) waits, then reads what the first wrote. The ranks of one distributed run share
+    the writing by barriers instead, so they take no lock."""
+    if world_size > 1:
+        return nullcontext()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(directory.parent / f".{directory.name}.lock")  # hidden, beside the store
 
 
 def write_json(path: Path, value) -> None:

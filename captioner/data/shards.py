@@ -44,7 +44,7 @@ from captioner.data.coco import ImageRecord
 from captioner.data.images import upright_rgb
 from captioner.data.extraction import BAD_IMAGE_POLICIES, BadImagesError
 from captioner.data.features import FeatureStore, describe
-from captioner.data.manifest import StaleStoreError, check_manifest, differences, read_manifest
+from captioner.data.manifest import StaleStoreError, check_manifest, differences, read_manifest, sole_writer
 
 log = logging.getLogger(__name__)
 
@@ -290,35 +290,36 @@ def open_or_extract(
     if bad_images not in BAD_IMAGE_POLICIES:
         raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r} (data.bad_images)")
     directory, urls, barrier = Path(directory), expand(shards), barrier or (lambda: None)
-    if read_manifest(directory) is not None:
-        wanted = {k: v for k, v in _settings([], encoder_spec, precision, 0, split, dtype, tokens, urls).items() if k != "preprocessing"}
-        check_manifest(directory, wanted, "feature store", "Delete the directory to re-extract, or point data.cache_dir elsewhere.")
+    with sole_writer(directory, world_size):
+        if read_manifest(directory) is not None:
+            wanted = {k: v for k, v in _settings([], encoder_spec, precision, 0, split, dtype, tokens, urls).items() if k != "preprocessing"}
+            check_manifest(directory, wanted, "feature store", "Delete the directory to re-extract, or point data.cache_dir elsewhere.")
+            store = FeatureStore(directory)
+            return records_of(store), store
+        encoder = encoder_factory().to(device)
+        shapes = {"clip_features": (encoder.embed_dim,)}
+        if tokens:
+            shapes["patch_tokens"] = (encoder.num_tokens, encoder.token_dim)
+        settings = _settings([], encoder_spec, precision, encoder.resolution, split, dtype, tokens, urls)
+        job = ShardExtraction(directory, urls, encoder, settings, shapes, batch_size, num_workers, device, rank, world_size)
+        if rank == 0:
+            job.prepare()
+        barrier()
+        job.encode(bad_images)
+        barrier()
+        bad = job.bad()
+        if rank == 0 and not bad:
+            job.merge()
+        barrier()
+        if bad:
+            listed = "\n".join(f"  {k}: {why}" for k, why in sorted(bad.items())[:50])
+            raise BadImagesError(
+                f"{len(bad)} samples of the shards cannot be used:\n{listed}\nThe other shards' features are kept in "
+                f"{directory / 'parts'}. Fix or drop these samples and run again (only their shards are read again), "
+                f"or set data.bad_images=skip to leave them out."
+            )
         store = FeatureStore(directory)
         return records_of(store), store
-    encoder = encoder_factory().to(device)
-    shapes = {"clip_features": (encoder.embed_dim,)}
-    if tokens:
-        shapes["patch_tokens"] = (encoder.num_tokens, encoder.token_dim)
-    settings = _settings([], encoder_spec, precision, encoder.resolution, split, dtype, tokens, urls)
-    job = ShardExtraction(directory, urls, encoder, settings, shapes, batch_size, num_workers, device, rank, world_size)
-    if rank == 0:
-        job.prepare()
-    barrier()
-    job.encode(bad_images)
-    barrier()
-    bad = job.bad()
-    if rank == 0 and not bad:
-        job.merge()
-    barrier()
-    if bad:
-        listed = "\n".join(f"  {k}: {why}" for k, why in sorted(bad.items())[:50])
-        raise BadImagesError(
-            f"{len(bad)} samples of the shards cannot be used:\n{listed}\nThe other shards' features are kept in "
-            f"{directory / 'parts'}. Fix or drop these samples and run again (only their shards are read again), "
-            f"or set data.bad_images=skip to leave them out."
-        )
-    store = FeatureStore(directory)
-    return records_of(store), store
 
 
 def _settings(records, encoder_spec, precision, resolution, split, dtype, tokens, urls) -> dict:

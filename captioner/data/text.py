@@ -27,7 +27,7 @@ from tqdm import tqdm
 from captioner.data.coco import ImageRecord, load_records
 from captioner.data.datamodule import CaptionDataModule, CaptionDataset
 from captioner.data.features import encoder_digest
-from captioner.data.manifest import MANIFEST, check_manifest, plain, read_manifest, write_json
+from captioner.data.manifest import MANIFEST, check_manifest, plain, read_manifest, sole_writer, write_json
 from captioner.models.encoder import ClipEncoder
 
 TEXT_STORE_VERSION = 1
@@ -60,34 +60,35 @@ def open_or_encode(directory: str | Path, records: list[ImageRecord], encoder_fa
                    precision: str, dtype: str = "fp16", batch_size: int = 256, device=None) -> TextFeatureStore:
     """The caption store at `directory`, encoded first when absent; one made with other settings is refused."""
     directory = Path(directory)
-    captions = [c for r in records for c in r.captions]
-    wanted = {
-        "version": TEXT_STORE_VERSION,
-        "kind": "clip text embeddings of captions",
-        "encoder": plain(encoder_spec),
-        "encoder_sha256": encoder_digest(encoder_spec),
-        "precision": precision,
-        "normalisation": "none (raw CLIP outputs; noise and the model normalise)",
-        "dtype": dtype,
-        "count": len(captions),
-        "caption_hash": caption_hash(records),
-    }
-    if read_manifest(directory) is not None:
-        check_manifest(directory, wanted, "text feature store", "Delete the directory to re-encode, or point data.cache_dir elsewhere.")
+    with sole_writer(directory):
+        captions = [c for r in records for c in r.captions]
+        wanted = {
+            "version": TEXT_STORE_VERSION,
+            "kind": "clip text embeddings of captions",
+            "encoder": plain(encoder_spec),
+            "encoder_sha256": encoder_digest(encoder_spec),
+            "precision": precision,
+            "normalisation": "none (raw CLIP outputs; noise and the model normalise)",
+            "dtype": dtype,
+            "count": len(captions),
+            "caption_hash": caption_hash(records),
+        }
+        if read_manifest(directory) is not None:
+            check_manifest(directory, wanted, "text feature store", "Delete the directory to re-encode, or point data.cache_dir elsewhere.")
+            return TextFeatureStore(directory, records)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        encoder = encoder_factory().to(device)
+        directory.mkdir(parents=True, exist_ok=True)
+        np_dtype = np.float16 if dtype == "fp16" else np.float32
+        array = np.lib.format.open_memmap(directory / "text_features.npy", mode="w+", dtype=np_dtype,
+                                          shape=(len(captions), encoder.embed_dim))
+        for start in tqdm(range(0, len(captions), batch_size), desc="encode captions", unit="batch"):
+            batch = captions[start : start + batch_size]
+            array[start : start + len(batch)] = encoder.encode_text(batch).cpu().numpy().astype(np_dtype)
+        array.flush()
+        del array
+        write_json(directory / MANIFEST, wanted)  # last: its presence means the store is complete
         return TextFeatureStore(directory, records)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = encoder_factory().to(device)
-    directory.mkdir(parents=True, exist_ok=True)
-    np_dtype = np.float16 if dtype == "fp16" else np.float32
-    array = np.lib.format.open_memmap(directory / "text_features.npy", mode="w+", dtype=np_dtype,
-                                      shape=(len(captions), encoder.embed_dim))
-    for start in tqdm(range(0, len(captions), batch_size), desc="encode captions", unit="batch"):
-        batch = captions[start : start + batch_size]
-        array[start : start + len(batch)] = encoder.encode_text(batch).cpu().numpy().astype(np_dtype)
-    array.flush()
-    del array
-    write_json(directory / MANIFEST, wanted)  # last: its presence means the store is complete
-    return TextFeatureStore(directory, records)
 
 
 class TextCaptionDataset(CaptionDataset):
