@@ -115,16 +115,14 @@ class CaptionDataModule(L.LightningDataModule):
             records, store = self.load_split(split)
             tokens = tokenize(records, self.tokenizer, self.hparams.max_tokens)
             self.records[split] = records
-            self.datasets[split] = CaptionDataset(store, records, tokens, pairs_for(split, records))
+            self.datasets[split] = CaptionDataset(store, records, tokens, pairs_for(records, every_caption=split == "train"))
 
     def references(self, split: str) -> dict[int, list[str]]:
         return {r.image_id: list(r.captions) for r in self.records[split]}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         # training resumes mid-epoch at the same batch (data/sampler.py); evaluation reads in order
-        dataset = self.datasets[split]
-        if not shuffle and split == "train":  # evaluating the training split: one item per image, not per caption
-            dataset = CaptionDataset(dataset.store, dataset.records, dataset.tokens, pairs_for("eval", dataset.records))
+        dataset = self.datasets[split] if shuffle else self.datasets[split].per_image()
         batch_size = self.hparams.batch_size if shuffle else self.hparams.eval_batch_size
         sampler = training_sampler(dataset.lengths(), self.hparams.seed, batch_size, self.hparams.length_buckets) if shuffle else None
         return (ResumableLoader if shuffle else DataLoader)(

@@ -21,10 +21,10 @@ def tokenize(records: Sequence[ImageRecord], tokenizer, max_tokens: int) -> list
     return [[tokenizer.encode(c)[: max_tokens - 1] + [eos] for c in r.captions] for r in records]
 
 
-def pairs_for(split: str, records: Sequence[ImageRecord]) -> list[tuple[int, int]]:
-    """(record, caption) pairs: every caption for training; one item per image otherwise, whose first
-    caption gives the loss and all of whose captions give the scores."""
-    if split == "train":
+def pairs_for(records: Sequence[ImageRecord], every_caption: bool) -> list[tuple[int, int]]:
+    """(record, caption) pairs: every caption of every image (what training shuffles), or one item per
+    image whose first caption gives the loss and all of whose captions give the scores (evaluation)."""
+    if every_caption:
         return [(i, k) for i, r in enumerate(records) for k in range(len(r.captions))]
     return [(i, 0) for i in range(len(records))]
 
@@ -42,6 +42,10 @@ class CaptionDataset(Dataset):
         r, k = self.pairs[i]
         image_id = self.records[r].image_id
         return {"image_id": image_id, **self.store.features(image_id), "input_ids": self.tokens[r][k]}
+
+    def per_image(self) -> CaptionDataset:
+        """The same split with one item per image: what captioning and scoring a split reads."""
+        return type(self)(self.store, self.records, self.tokens, pairs_for(self.records, every_caption=False))
 
     def lengths(self) -> list[int]:
         """Token count of each item, in item order (LengthBucketSampler)."""
