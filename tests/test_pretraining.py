@@ -121,6 +121,33 @@ def test_tokenizer_and_language_model_are_cached_the_same_way(world, tmp_path, m
     assert json.loads((tokenizer_dir / "manifest.json").read_text())["vocab_size"] == 280
 
 
+def test_a_language_model_text_is_captions_of_one_image_each_ended_by_end_of_text(world):
+    from captioner.data.pairs import CaptionTexts
+
+    class Words:  # one id per word, end-of-text 0: the texts read back as words
+        eos_token_id = 0
+
+        def __init__(self):
+            self.vocab: dict[str, int] = {}
+
+        def encode(self, caption: str) -> list[int]:
+            return [self.vocab.setdefault(w, len(self.vocab) + 1) for w in caption.split()]
+
+    records = load_records(world[1])[:3]
+    words = Words()
+    single, double = CaptionTexts(records, words, 40), CaptionTexts(records, words, 40, captions_per_text=2)
+    assert len(single) == len(double) == sum(len(r.captions) for r in records)
+    names = {i: w for w, i in words.vocab.items()} | {0: "|"}
+    read = lambda item: " ".join(names[t] for t in item["input_ids"])  # noqa: E731
+    first = records[0].captions
+    assert read(single[0]) == f"| {first[0]} |"
+    assert read(double[0]) == f"| {first[0]} | {first[1]} |"
+    assert read(double[len(first) - 1]) == f"| {first[-1]} | {first[0]} |"  # cyclic within the image
+    assert all(item["image_id"] == records[0].image_id for item in double.items[: len(first)])
+    with pytest.raises(ValueError, match="captions_per_text"):
+        CaptionTexts(records, words, 40, captions_per_text=0)
+
+
 def test_the_pretrained_encoder_is_frozen_in_the_captioner(pretrained, world, tmp_path):
     from captioner.module import CaptionModule
 

@@ -2,7 +2,8 @@
 
 Items:
     ImageCaptionPairs  {"image_id": int, "pixels": (3, R, R) float, "tokens": (C,) CLIP BPE ids}
-    CaptionTexts       {"image_id": int, "input_ids": [eos] + caption ids + [eos]}   (datamodule.collate pads)
+    CaptionTexts       {"image_id": int, "input_ids": [eos] + caption ids + [eos] (+ the next caption's ids + [eos] ...)}
+                       (datamodule.collate pads)
 """
 
 from __future__ import annotations
@@ -58,14 +59,24 @@ class ImageCaptionPairs(Dataset):
 
 
 class CaptionTexts(Dataset):
-    """Every caption of `records` as GPT-2 tokens, between end-of-text tokens (GPT-2's document separator)."""
+    """One text per caption of `records`, as GPT-2 tokens between end-of-text tokens.
 
-    def __init__(self, records: Sequence[ImageRecord], tokenizer, max_tokens: int):
+    With `captions_per_text` n > 1, the text of caption k of an image is captions k, k+1, ... k+n-1 of
+    that image (cyclically), each ended by end-of-text: a document about one image, so the language
+    model learns to write a caption that agrees with the text before it. That is the in-context reading
+    a frozen GPT-2 needs to caption from a prefix, which web-text GPT-2 has and single captions do not teach.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], tokenizer, max_tokens: int, captions_per_text: int = 1):
+        if captions_per_text < 1:
+            raise ValueError(f"captions_per_text must be >= 1, got {captions_per_text} (pretrain.lm.captions_per_text)")
         eos = tokenizer.eos_token_id
-        self.items = [
-            {"image_id": r.image_id, "input_ids": [eos] + tokenizer.encode(c)[: max_tokens - 2] + [eos]}
-            for r in records for c in r.captions
-        ]
+        self.items = []
+        for r in records:
+            ids = [tokenizer.encode(c)[: max_tokens - 2] + [eos] for c in r.captions]
+            for k in range(len(ids)):
+                text = [eos] + [t for j in range(min(captions_per_text, len(ids))) for t in ids[(k + j) % len(ids)]]
+                self.items.append({"image_id": r.image_id, "input_ids": text})
 
     def __len__(self) -> int:
         return len(self.items)
