@@ -69,6 +69,7 @@ class SCSTModule(CaptionModule):
         return super().train(False)  # no dropout: the sampled captions and their log-probs come from one model
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         datamodule = self.trainer.datamodule
         datamodule.setup("fit")
         cache = self.reward_cache or datamodule.hparams.cache_dir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,10 @@ def test_a_training_step_is_a_finite_loss_from_rewards_and_baselines(scst_cfg, b
 @pytest.mark.java
 def test_second_stage_run_writes_scores_and_a_plain_checkpoint(scst_cfg):
     cfg = scst_cfg()
-    metrics = run(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = run(cfg)
+    assert not [str(w.message) for w in caught if "in eval mode" in str(w.message)]  # only the frozen encoder, on purpose
     out = Path(cfg.paths.output_dir)
     scores = json.loads((out / "scores.json").read_text())
     assert "CIDEr" in scores["model"] and "clipscore" in scores
