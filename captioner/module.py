@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from captioner.generate import Decoding, decoding_from, generate
@@ -90,11 +91,14 @@ class CaptionModule(L.LightningModule):
             self.decoder.eval()
         return self
 
+    def eval_while_training(self) -> list[nn.Module]:
+        """The parts kept in eval mode on purpose while training: the frozen encoder (and decoder)."""
+        return [self.encoder, *([self.decoder] if self.hparams.freeze_decoder else [])]
+
     def on_fit_start(self) -> None:
-        # Lightning warns about every module in eval mode when training starts; ours are the frozen parts,
-        # on purpose. Only that exact count is silenced: any other module left in eval mode still warns.
-        frozen = [self.encoder, *([self.decoder] if self.hparams.freeze_decoder else [])]
-        count = sum(1 for part in frozen for _ in part.modules())
+        # Lightning warns about every module in eval mode when training starts; ours are in eval mode on
+        # purpose. Only that exact count is silenced: any other module left in eval mode still warns.
+        count = sum(1 for part in self.eval_while_training() for _ in part.modules())
         warnings.filterwarnings("ignore", message=re.escape(f"Found {count} module(s) in eval mode at the start of training."))
 
     def features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

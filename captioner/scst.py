@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from captioner.checkpoint import read_checkpoint
 from captioner.generate import Decoding, generate_ids
@@ -64,6 +65,10 @@ class SCSTModule(CaptionModule):
         self.sampling = Decoding(strategy="sample", max_new_tokens=max_new_tokens)
         self.greedy = Decoding(strategy="greedy", max_new_tokens=max_new_tokens)
         self.cider: CiderD | None = None
+        self.train(False)  # Lightning never calls train(): it keeps, and restores after validation, each module's mode
+
+    def eval_while_training(self) -> list[nn.Module]:
+        return [self]  # all of it: no dropout while sampling and scoring
 
     def train(self, mode: bool = True) -> "SCSTModule":
         return super().train(False)  # no dropout: the sampled captions and their log-probs come from one model

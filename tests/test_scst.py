@@ -62,6 +62,7 @@ def test_starts_from_the_checkpoint_and_scores_the_same_tokens_the_sampler_chose
 def test_a_training_step_is_a_finite_loss_from_rewards_and_baselines(scst_cfg, baseline):
     cfg = scst_cfg(f"model.baseline={baseline}")
     module = instantiate(cfg.model)
+    assert not any(m.training for m in module.modules())  # no dropout in any sample (Lightning never calls train())
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -86,7 +87,7 @@ def test_second_stage_run_writes_scores_and_a_plain_checkpoint(scst_cfg):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = run(cfg)
-    assert not [str(w.message) for w in caught if "in eval mode" in str(w.message)]  # only the frozen encoder, on purpose
+    assert not [str(w.message) for w in caught if "in eval mode" in str(w.message)]  # all of it, on purpose: no dropout
     out = Path(cfg.paths.output_dir)
     scores = json.loads((out / "scores.json").read_text())
     assert "CIDEr" in scores["model"] and "clipscore" in scores
