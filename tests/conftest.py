@@ -93,6 +93,7 @@ DISTINCT = [
     "data.synthetic.root=${paths.data_dir}/synthetic_distinct", "data.synthetic.sizes.train=400",
     "pretrain.clip.steps=120", "pretrain.clip.batch_size=64", "pretrain.clip.warmup_steps=10", "pretrain.clip.val_every=120",
     "pretrain.lm.steps=100", "pretrain.lm.warmup_steps=10", "pretrain.lm.val_every=100",
+    "pretrain.lm.captions_per_text=1",  # one caption a text: 100 LM steps of two-caption texts leave this budget's captions alike
     "trainer.max_epochs=2", "model.lr=3e-3", "model.warmup_steps=10", "model.val_cider_images=4",
 ]
 
