@@ -23,13 +23,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from filelock import FileLock
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from captioner.loggers import build_loggers  # importing it also quiets Lightning's logger advert for every Trainer
 from captioner.data.coco import ImageRecord, load_records
 from captioner.data.dataset import collate
+from captioner.data.manifest import sole_writer
 from captioner.data.pairs import CaptionTexts, ImageCaptionPairs, pairs_hash
 
 MANIFEST_VERSION = 1
@@ -92,7 +92,7 @@ def build_tokenizer(out: str | Path, train: Mapping, vocab_size: int = 512) -> P
     out = Path(out)
     records = _records(train, "tokenizer")
     wanted = {"kind": "byte-level BPE", "version": MANIFEST_VERSION, "vocab_size": vocab_size, "data": pairs_hash(records)}
-    with FileLock(str(out) + ".lock"):
+    with sole_writer(out):
         if is_current(out, wanted, "the tokenizer"):
             return out
         out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,7 @@ def build_clip(
         "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
         "seed": seed, "precision": precision, "pairs": sum(len(r.captions) for r in records), "data": pairs_hash(records),
     }
-    with FileLock(str(out) + ".lock"), torch.random.fork_rng(devices=[]):
+    with sole_writer(out), torch.random.fork_rng(devices=[]):
         if is_current(out, wanted, "the pretrained CLIP"):
             return out / "clip.pt"
         torch.manual_seed(seed)
@@ -186,7 +186,7 @@ def build_lm(
         "data": pairs_hash(records),
         "tokenizer": hashlib.sha256(vocab.read_bytes()).hexdigest() if vocab.is_file() else str(tokenizer),
     }
-    with FileLock(str(out) + ".lock"), torch.random.fork_rng(devices=[]):
+    with sole_writer(out), torch.random.fork_rng(devices=[]):
         if is_current(out, wanted, "the pretrained GPT-2"):
             return out
         torch.manual_seed(seed)
