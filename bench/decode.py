@@ -1,4 +1,4 @@
-"""Decoding speed on CPU: ours (KV cache, batched, fp32 and int8) vs a ClipCap-style loop and HF generate.
+"""Decoding speed on CPU: ours (KV cache, batched; fp32, prepacked fp32, int8) vs a ClipCap-style loop and HF generate.
 
     python bench/decode.py                       # full-size ViT-B/32 + GPT-2 124M, random weights, 2 threads
     python bench/decode.py --ckpt /work/trained/embedded.ckpt   # also: int8 and bf16 vs fp32 captions of a trained model
@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import roofline  # noqa: E402  (bench/, beside this file)
 from captioner.generate import Decoding, generate_ids  # noqa: E402
 from captioner.module import CaptionModule  # noqa: E402
+from captioner.prepack import available as prepack_available, prepack_module  # noqa: E402
 from captioner.quantize import quantize_module  # noqa: E402
 
 VIT_B32 = dict(  # clip.model.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12): OpenAI's ViT-B/32
@@ -92,6 +93,7 @@ def ours(module, pixels: torch.Tensor, decoding: Decoding) -> list[list[int]]:
 
 
 WARMUP = 1  # untimed first calls per method (--warmup)
+PACKED = "ours, prepacked, fp32 (the API's fp32 CPU default)"
 
 
 def interleaved(methods: dict, runs: int, device: str) -> tuple[dict[str, float], dict[str, object]]:
@@ -111,7 +113,7 @@ def interleaved(methods: dict, runs: int, device: str) -> tuple[dict[str, float]
     return {name: statistics.median(t) for name, t in times.items()}, outputs
 
 
-def latency_table(module, int8, pixels, eos, args, console, peak) -> dict[str, float]:
+def latency_table(module, int8, packed, pixels, eos, args, console, peak) -> dict[str, float]:
     """Batch-1 latency, beam 5 and greedy, every method."""
     results = {}
     for strategy in ("beam", "greedy"):
@@ -124,6 +126,8 @@ def latency_table(module, int8, pixels, eos, args, console, peak) -> dict[str, f
             "ours, DynamicCache, fp32": lambda: ours(module, pixels, dynamic)[0],
             "ours, preallocated cache, fp32": lambda: ours(module, pixels, d)[0],
         }
+        if packed is not None:
+            methods[PACKED] = lambda: ours(packed, pixels, d)[0]
         if int8 is not None:
             methods["HF generate (cache), int8"] = lambda: ours(int8, pixels, hf)[0]
             methods["ours, preallocated cache, int8"] = lambda: ours(int8, pixels, d)[0]
@@ -139,7 +143,7 @@ def latency_table(module, int8, pixels, eos, args, console, peak) -> dict[str, f
             t.add_row(name, f"{seconds:.3f}", f"{seconds / times['ClipCap-style loop (no cache)']:.3f}", f"{seconds / times['HF generate (cache), fp32']:.3f}",
                       same, *works[name].cells(seconds, peak))
         console.print(t)
-        ours32 = "ours, preallocated cache, fp32"
+        ours32 = PACKED if packed is not None else "ours, preallocated cache, fp32"
         results[f"{strategy}/fp32_vs_hf"] = times[ours32] / times["HF generate (cache), fp32"]
         results[f"{strategy}/fp32_same_tokens"] = outputs[ours32] == reference
         weights = sum(p.numel() * p.element_size() for p in module.decoder.parameters())  # lm_head is tied to wte: counted once
@@ -150,7 +154,7 @@ def latency_table(module, int8, pixels, eos, args, console, peak) -> dict[str, f
     return results
 
 
-def throughput_table(module, int8, images, eos, args, console, peak) -> None:
+def throughput_table(module, int8, packed, images, eos, args, console, peak) -> None:
     """Batched greedy over all images vs ClipCap's per-image loop (timed on `--loop-images` of them:
     a per-image loop's time is linear in the number of images)."""
     d = Decoding("greedy", max_new_tokens=args.tokens, min_new_tokens=args.tokens)
@@ -158,7 +162,7 @@ def throughput_table(module, int8, images, eos, args, console, peak) -> None:
     loop = f"ClipCap-style per-image loop ({len(few)} images timed)"
     methods = {loop: lambda: [clipcap_greedy(module, im[None], eos, args.tokens) for im in few]}
     counts = {loop: len(few)}
-    for name, model in (("ours, batched, fp32", module), ("ours, batched, int8", int8)):
+    for name, model in (("ours, batched, fp32", module), ("ours, batched, prepacked fp32", packed), ("ours, batched, int8", int8)):
         if model is not None:
             methods[f"{name} ({len(images)} images)"] = lambda model=model: ours(model, images, d)
             counts[f"{name} ({len(images)} images)"] = len(images)
@@ -232,6 +236,7 @@ def main() -> None:
             mapper={"name": "attention", "num_layers": args.mapper_layers},
         ).eval()  # GPT2Config() defaults: GPT-2 124M
         int8 = quantize_module(module) if args.device == "cpu" else None
+        packed = prepack_module(module) if args.device == "cpu" and prepack_available() else None
         module = module.to(args.device)
         eos = module.tokenizer.eos_token_id
         images = torch.randn(args.images, 3, 224, 224, device=args.device)  # (B, 3, H, W) normalised pixels
@@ -240,12 +245,12 @@ def main() -> None:
                       f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
         console.print(peak.line())
         if args.only != "throughput":
-            results = latency_table(module, int8, images[:1], eos, args, console, peak)
+            results = latency_table(module, int8, packed, images[:1], eos, args, console, peak)
             console.print({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()})
             console.print(f"target: ours fp32 beam 5 <= 0.7x HF generate fp32 with the same tokens -> {results['beam/fp32_vs_hf']:.2f}x, "
                           f"same tokens: {results['beam/fp32_same_tokens']}: {'PASS' if results['beam/fp32_vs_hf'] <= 0.7 and results['beam/fp32_same_tokens'] else 'FAIL'}")
         if args.only != "latency":
-            throughput_table(module, int8, images, eos, args, console, peak)
+            throughput_table(module, int8, packed, images, eos, args, console, peak)
     if args.ckpt:
         agreement(args.ckpt, console, batch_size=100)
 

@@ -148,7 +148,8 @@ COLUMNS = ("GFLOP/s", "GB/s", "% of peak (bound)")
 class count(TorchDispatchMode):
     """`with count() as work: fn()` fills `work` (a Work) with what fn ran.
 
-    Dynamic int8 linears (quantized::linear_dynamic) count as int8 FLOPs with their int8 weight's bytes."""
+    Dynamic int8 linears (quantized::linear_dynamic) count as int8 FLOPs with their int8 weight's bytes;
+    prepacked fp32 linears (mkldnn::_linear_pointwise) as the nn.Linear they replace."""
 
     def __init__(self):
         super().__init__()
@@ -168,6 +169,12 @@ class count(TorchDispatchMode):
             n, k = weight.shape
             self.work.flops["int8"] += 2 * (x.numel() // k) * n * k
             self.work.bytes += _nbytes(x) + n * k + _nbytes(out)
+            return out
+        if name == "mkldnn._linear_pointwise":  # captioner/prepack.py: fp32 weight (N, K) in oneDNN's layout
+            x, weight, bias = args[0], args[1], args[2]
+            n, k = weight.shape
+            self.work.flops[_DTYPES.get(x.dtype, "fp32")] += 2 * (x.numel() // k) * n * k
+            self.work.bytes += _nbytes(x) + n * k * weight.element_size() + _nbytes(bias) + _nbytes(out)
             return out
         if packet in flop_registry or func in _CPU_SDPA:
             if func in _CPU_SDPA:

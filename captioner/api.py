@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from captioner import checkpoint, quantize
+from captioner import checkpoint, prepack, quantize
 from captioner.data.images import ImageLike, to_pil
 from captioner.generate import Decoding, decoding_from, generate
 from captioner.models.encoder import DTYPES, dtype_of
@@ -71,14 +71,16 @@ class Captioner:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", int8: bool = False, precision: str = "fp32",
-                        datastore: str | Path | None = None) -> "Captioner":
+                        datastore: str | Path | None = None, prepacked: bool = True) -> "Captioner":
         """Load a Lightning checkpoint (`.ckpt`) or an exported safetensors directory.
 
         `int8=True` quantizes GPT-2's and the mapper's Linear layers to int8 for CPU inference
         (captioner/quantize.py). `precision="bf16"` (or "fp16") runs CLIP and GPT-2 with 16-bit
         weights: half the memory traffic per token, and on CPUs with AVX512-BF16 or AMX much faster
         batched matmuls (bench/serve_load.py); the mapper stays fp32. `datastore=DIR` replaces a retrieval
-        model's datastore (captioner/retrieval.py): another domain's captions, no retraining."""
+        model's datastore (captioner/retrieval.py): another domain's captions, no retraining.
+        In fp32 on the CPU, GPT-2's and the mapper's weights are reordered once into oneDNN's layout
+        (captioner/prepack.py: same captions, faster decoding); `prepacked=False` keeps them as stored."""
         dtype_of(precision)  # a wrong name fails before the checkpoint loads
         module = load_module(path)
         if datastore is not None:
@@ -98,6 +100,9 @@ class Captioner:
                 warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 matmuls are emulated and may be slower than fp32")
             module.encoder.set_precision(precision)
             module.decoder.to(dtype_of(precision))
+        elif prepacked and str(device) == "cpu" and prepack.available():
+            prepack.prepack_(module.decoder.eval())  # in place: the checkpoint's module is ours alone
+            prepack.prepack_(module.mapper.eval())
         return cls(module, device)
 
     def pixels(self, images: Iterable[ImageLike]) -> torch.Tensor:
