@@ -109,6 +109,7 @@ class RetrievalModule(CaptionModule):
 
     def on_fit_start(self) -> None:
         """The training captions become the datastore when the configured one does not exist yet."""
+        super().on_fit_start()
         path = Path(self.hparams.retrieval["datastore"])
         if self._datastore is None and not (path / "embeddings.npy").is_file():
             datamodule = self.trainer.datamodule

@@ -6,6 +6,7 @@ GPT-2's real tokenizer; `tests/test_real_path.py` runs them at full size (slow).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,10 @@ def test_every_experiment_runs_at_tiny_size(experiment, tmp_path, data_dir):
     assert {"train", "val", "test"} <= set(stores)
     written = {s: (p / "manifest.json").stat().st_mtime_ns for s, p in stores.items()}
     cfg = compose_train(tmp_path / "run", data_dir, overrides + ["score_meteor=false"])
-    metrics = run(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = run(cfg)
+    assert not [str(w.message) for w in caught if "in eval mode" in str(w.message)]  # the frozen parts are, on purpose
     assert metrics["train/loss"] == metrics["train/loss"] and metrics["train/loss"] > 0  # finite, a real step ran
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
