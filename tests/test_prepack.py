@@ -22,7 +22,7 @@ def test_a_packed_layer_computes_what_conv1d_and_linear_compute():
     nn.init.normal_(conv.bias)
     for layer in (conv, linear):
         fast = prepack.packed(layer)
-        for x in (torch.randn(5, 16), torch.randn(3, 7, 16)):  # a step of beams; a prefix pass
+        for x in (torch.randn(1, 16), torch.randn(1, 1, 16), torch.randn(5, 16), torch.randn(3, 7, 16)):  # one row, a step of beams, a prefix
             with torch.no_grad():
                 assert torch.allclose(fast(x), layer(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="fp32 weights on the CPU"):
@@ -37,6 +37,7 @@ def test_a_prepacked_gpt2_writes_the_same_tokens(decoding):
     assert isinstance(fast.lm_head, prepack.PackedLinear) and isinstance(model.transformer.h[0].attn.c_attn, Conv1D)
     prefix = torch.randn(8, 5, 32) * 3  # (B, P, D)
     assert generate_ids(fast, Tokenizer, prefix, decoding) == generate_ids(model, Tokenizer, prefix, decoding)
+    assert generate_ids(fast, Tokenizer, prefix[:1], decoding) == generate_ids(model, Tokenizer, prefix[:1], decoding)  # greedy: one row
 
 
 def test_captioner_prepacks_fp32_on_the_cpu_and_captions_alike(distinct_ckpt):
