@@ -93,7 +93,7 @@ def test_every_coco_experiment_runs_end_to_end_at_full_size(experiment, user_wei
     train = ["score=false", "score_meteor=false"]
     run_stage(stages, "extract", "captioner.extract", *common, f"hydra.run.dir={tmp_path / 'extract'}")
     train_dir = tmp_path / "train"
-    run_stage(stages, "train (3 steps)", "captioner.train", *common, "+trainer.max_steps=3", "+trainer.limit_val_batches=1",
+    run_stage(stages, "train (3 steps)", "captioner.train", *common, "trainer.max_steps=3", "trainer.limit_val_batches=1",
               "model.val_cider_images=4", "model.val_decoding.max_new_tokens=5", *train, f"hydra.run.dir={train_dir}")
     ckpt = train_dir / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 3
