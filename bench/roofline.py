@@ -11,7 +11,7 @@ a peak is what the hardware reached, and on a shared machine other processes onl
 `Work` counts what a method asks of the machine, by running it once under a dispatch mode:
 FLOPs of every matmul, convolution and attention kernel (torch's own flop formulas), split by the
 dtype they run in, and the bytes every kernel must at least read and write (its inputs and outputs,
-each once; views move nothing): for a batch-1 decode step that is mostly GPT-2's weights, for a
+each once; views move nothing; an embedding lookup reads only its rows): for a batch-1 decode step that is mostly GPT-2's weights, for a
 training step also the optimizer's pass over weights, gradients and moments. Its time floor is
 max(sum of FLOPs / peak of their dtype, bytes / bandwidth); `share = floor / measured seconds`
 is "how close to the limit", whichever limit binds (the bound column says which).
@@ -175,6 +175,9 @@ class count(TorchDispatchMode):
             n, k = weight.shape
             self.work.flops[_DTYPES.get(x.dtype, "fp32")] += 2 * (x.numel() // k) * n * k
             self.work.bytes += _nbytes(x) + n * k * weight.element_size() + _nbytes(bias) + _nbytes(out)
+            return out
+        if func is aten.embedding.default:  # a lookup reads the rows it returns, not the whole table (GPT-2's 154 MB wte)
+            self.work.bytes += _nbytes(args[1]) + 2 * _nbytes(out)
             return out
         if packet in flop_registry or func in _CPU_SDPA:
             if func in _CPU_SDPA:
