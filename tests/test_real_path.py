@@ -92,9 +92,15 @@ def test_every_coco_experiment_runs_end_to_end_at_full_size(experiment, user_wei
               "trainer=cpu", "data.eval_batch_size=16"]
     train = ["score=false", "score_meteor=false"]
     run_stage(stages, "extract", "captioner.extract", *common, f"hydra.run.dir={tmp_path / 'extract'}")
+    steps = ["trainer.max_steps=3", "trainer.limit_val_batches=1", "model.val_cider_images=4", "model.val_decoding.max_new_tokens=5"]
+    if "scst" in experiment:  # a second stage: it starts from a cross-entropy checkpoint of the same model and data
+        first = tmp_path / "cross_entropy"
+        coco_attn = ["experiment=coco_attn", *common[1:]]  # common[0] is experiment=...
+        run_stage(stages, "train cross-entropy first (3 steps)", "captioner.train", *coco_attn, *steps, *train, f"hydra.run.dir={first}")
+        # 40 images x 5 samples of GPT-2 124M with gradients is past 24 GB on the CPU (the OOM killer ended it): 8 x 5
+        train = [*train, f"init_from={first / 'checkpoints' / 'last.ckpt'}", "data.batch_size=8"]
     train_dir = tmp_path / "train"
-    run_stage(stages, "train (3 steps)", "captioner.train", *common, "trainer.max_steps=3", "trainer.limit_val_batches=1",
-              "model.val_cider_images=4", "model.val_decoding.max_new_tokens=5", *train, f"hydra.run.dir={train_dir}")
+    run_stage(stages, "train (3 steps)", "captioner.train", *common, *steps, *train, f"hydra.run.dir={train_dir}")
     ckpt = train_dir / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 3
 
