@@ -12,7 +12,8 @@ possible: 8 waiting requests share one forward pass instead of queueing behind e
 
 `--precision` picks the server's weights; several run one after another into one table, e.g.
 `--precision fp32 bf16`. The default is bf16, the CPU serving setting: on 2 cores a batch of 8
-in fp32 is bound by MKL's small-batch matmuls (p95 2.4-2.5x that of C = 1), while bf16 halves the
+in fp32 reads GPT-2's weights at every step even prepacked (p95 1.9x that of C = 1; 2.4-2.5x before
+captioner/prepack.py), while bf16 halves the
 weight traffic of a lone request and runs the batch on AVX512-BF16 (see the README's table).
 """
 
