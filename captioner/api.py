@@ -101,8 +101,8 @@ class Captioner:
             module.encoder.set_precision(precision)
             module.decoder.to(dtype_of(precision))
         elif prepacked and str(device) == "cpu" and prepack.available():
-            prepack.prepack_(module.decoder.eval())  # in place: the checkpoint's module is ours alone
-            prepack.prepack_(module.mapper.eval())
+            prepack.prepack_(module.decoder)  # in place: the checkpoint's module is ours alone (Captioner sets eval mode)
+            prepack.prepack_(module.mapper)
         return cls(module, device)
 
     def pixels(self, images: Iterable[ImageLike]) -> torch.Tensor:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from captioner.quantize import swap_layers, with_parts
+
 ROWS_HINT = 8  # the batch oneDNN tunes the layout for: a few beams or a micro-batch of requests
 
 
@@ -44,9 +46,10 @@ class PackedLinear(nn.Module):
         super().__init__()
         if stored.device.type != "cpu" or stored.dtype != torch.float32:
             raise ValueError(f"prepacking is for fp32 weights on the CPU, got {stored.dtype} on {stored.device}")
-        weight = stored.detach().t() if stored_in_out else stored.detach()  # (out, in)
+        stored = stored.detach()
+        weight = stored.t() if stored_in_out else stored  # (out, in)
         self.out_features, self.in_features = weight.shape
-        self.stored, self.stored_in_out, self.bias = stored.detach(), stored_in_out, None if bias is None else bias.detach()
+        self.stored, self.stored_in_out, self.bias = stored, stored_in_out, None if bias is None else bias.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)  # an opaque mkldnn tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
@@ -70,12 +73,7 @@ def packed(layer: nn.Module) -> PackedLinear:
 def prepack_(model: nn.Module) -> nn.Module:
     """Swap `model`'s `Conv1D` and plain `nn.Linear` layers for PackedLinear, in place; returns `model`.
     Subclasses of nn.Linear are left alone (MultiheadAttention reads its `out_proj.weight` directly)."""
-    for name, child in list(model.named_children()):
-        if isinstance(child, Conv1D) or type(child) is nn.Linear:
-            setattr(model, name, packed(child))
-        else:
-            prepack_(child)
-    return model
+    return swap_layers(model, lambda child: packed(child) if isinstance(child, Conv1D) or type(child) is nn.Linear else None)
 
 
 def prepack_module(module):
@@ -84,8 +82,4 @@ def prepack_module(module):
         raise RuntimeError("this torch build has no oneDNN (mkldnn): run without prepacking")
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in module.decoder.parameters()):
         raise ValueError("prepacking is for an fp32 model on the CPU: move it with .cpu().float() or drop prepacking")
-    out = copy.copy(module)  # shallow: shares the encoder and tokenizer, gets its own submodule table
-    out._modules = dict(module._modules)
-    out._modules["decoder"] = prepack_(copy.deepcopy(module.decoder).eval())
-    out._modules["mapper"] = prepack_(copy.deepcopy(module.mapper).eval())
-    return out.eval()
+    return with_parts(module, decoder=prepack_(copy.deepcopy(module.decoder)), mapper=prepack_(copy.deepcopy(module.mapper)))

@@ -31,14 +31,29 @@ def linear_from_conv1d(conv: Conv1D) -> nn.Linear:
     return linear
 
 
+def swap_layers(model: nn.Module, swap) -> nn.Module:
+    """Replace, in place, every submodule for which `swap(child)` returns a module (its children are
+    not visited), and look inside the others; returns `model`."""
+    for name, child in list(model.named_children()):
+        replacement = swap(child)
+        if replacement is not None:
+            setattr(model, name, replacement)
+        else:
+            swap_layers(child, swap)
+    return model
+
+
 def replace_conv1d(model: nn.Module) -> nn.Module:
     """Swap every `Conv1D` in `model` (in place) for its `nn.Linear`; returns `model`."""
-    for name, child in list(model.named_children()):
-        if isinstance(child, Conv1D):
-            setattr(model, name, linear_from_conv1d(child))
-        else:
-            replace_conv1d(child)
-    return model
+    return swap_layers(model, lambda child: linear_from_conv1d(child) if isinstance(child, Conv1D) else None)
+
+
+def with_parts(module, **parts: nn.Module):
+    """A shallow copy of a `CaptionModule` with some parts (`decoder=`, `mapper=`) replaced; the
+    others (the CLIP encoder) and the tokenizer are shared."""
+    out = copy.copy(module)
+    out._modules = {**module._modules, **parts}  # its own submodule table
+    return out.eval()
 
 
 FP16 = ("lm_head",)  # layers kept in fp16 rather than int8 (GPT-2's output projection)
@@ -59,8 +74,4 @@ def quantize(model: nn.Module, fp16: tuple[str, ...] = FP16) -> nn.Module:
 
 def quantize_module(module):
     """A `CaptionModule` copy whose decoder and mapper run in int8 (the CLIP encoder stays fp32)."""
-    quantized = copy.copy(module)  # shallow: shares the encoder and tokenizer, gets its own submodule table
-    quantized._modules = dict(module._modules)
-    quantized._modules["decoder"] = quantize(module.decoder)
-    quantized._modules["mapper"] = quantize(module.mapper)
-    return quantized.eval()
+    return with_parts(module, decoder=quantize(module.decoder), mapper=quantize(module.mapper))
