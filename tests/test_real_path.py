@@ -88,15 +88,15 @@ def test_every_coco_experiment_runs_end_to_end_at_full_size(experiment, user_wei
         pytest.skip("../shared/data/coco_mini is not present")
     clip_pt, gpt2_dir, tokenizer = user_weights
     stages = Stages(experiment)
-    common = [f"experiment={experiment}", *coco_mini_overrides(coco_mini, tmp_path / "features", clip_pt, gpt2_dir, tokenizer),
-              "trainer=cpu", "data.eval_batch_size=16"]
+    setup = [*coco_mini_overrides(coco_mini, tmp_path / "features", clip_pt, gpt2_dir, tokenizer), "trainer=cpu", "data.eval_batch_size=16"]
+    common = [f"experiment={experiment}", *setup]
     train = ["score=false", "score_meteor=false"]
     run_stage(stages, "extract", "captioner.extract", *common, f"hydra.run.dir={tmp_path / 'extract'}")
     steps = ["trainer.max_steps=3", "trainer.limit_val_batches=1", "model.val_cider_images=4", "model.val_decoding.max_new_tokens=5"]
     if "scst" in experiment:  # a second stage: it starts from a cross-entropy checkpoint of the same model and data
         first = tmp_path / "cross_entropy"
-        coco_attn = ["experiment=coco_attn", *common[1:]]  # common[0] is experiment=...
-        run_stage(stages, "train cross-entropy first (3 steps)", "captioner.train", *coco_attn, *steps, *train, f"hydra.run.dir={first}")
+        run_stage(stages, "train cross-entropy first (3 steps)", "captioner.train", "experiment=coco_attn", *setup, *steps, *train,
+                  f"hydra.run.dir={first}")
         # 40 images x 5 samples of GPT-2 124M with gradients is past 24 GB on the CPU (the OOM killer ended it): 8 x 5
         train = [*train, f"init_from={first / 'checkpoints' / 'last.ckpt'}", "data.batch_size=8"]
     train_dir = tmp_path / "train"
