@@ -9,9 +9,10 @@ bandwidth (a sum over a tensor far larger than the caches). Each is the best of 
 a peak is what the hardware reached, and on a shared machine other processes only lower it.
 
 `Work` counts what a method asks of the machine, by running it once under a dispatch mode:
-FLOPs of every matmul, convolution and attention kernel (torch's own flop formulas), split by the
+FLOPs of every matmul, convolution and attention kernel (torch's own flop formulas; a composite op
+such as aten.linear is counted as the kernels it decomposes into, in inference_mode too), split by the
 dtype they run in, and the bytes every kernel must at least read and write (its inputs and outputs,
-each once; views move nothing; an embedding lookup reads only its rows): for a batch-1 decode step that is mostly GPT-2's weights, for a
+each once; views move nothing; a broadcast operand is read once; an embedding lookup reads only its rows): for a batch-1 decode step that is mostly GPT-2's weights, for a
 training step also the optimizer's pass over weights, gradients and moments. Its time floor is
 max(sum of FLOPs / peak of their dtype, bytes / bandwidth); `share = floor / measured seconds`
 is "how close to the limit", whichever limit binds (the bound column says which).
@@ -106,7 +107,15 @@ def probe(device: str = "cpu", size: int = 2048, repeats: int = 5, read_mb: int 
 
 
 def _nbytes(x) -> int:
-    return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+    """The bytes a tensor's elements occupy: a broadcast (stride-0) dimension is read once, not per copy."""
+    if not isinstance(x, torch.Tensor):
+        return 0
+    if x.layout != torch.strided:  # oneDNN's opaque packed weight: mkldnn._linear_pointwise counts it
+        return 0
+    distinct = 1
+    for size, stride in zip(x.shape, x.stride()):
+        distinct *= size if stride else 1
+    return distinct * x.element_size()
 
 
 @dataclass
@@ -145,6 +154,12 @@ class Work:
 COLUMNS = ("GFLOP/s", "GB/s", "% of peak (bound)")
 
 
+def _counted_whole(func, packet, name: str) -> bool:
+    """Whether `count` counts `func` as it is, rather than the kernels it decomposes into."""
+    return (packet in flop_registry or func in _CPU_SDPA or func is aten.embedding.default
+            or name.startswith("quantized.linear_dynamic") or name == "mkldnn._linear_pointwise")
+
+
 class count(TorchDispatchMode):
     """`with count() as work: fn()` fills `work` (a Work) with what fn ran.
 
@@ -161,9 +176,17 @@ class count(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         packet = getattr(func, "overloadpacket", None)
         name = str(packet)
+        if not _counted_whole(func, packet, name):
+            # Under inference_mode composite ops (aten.linear, conv2d, matmul, scaled_dot_product_attention)
+            # reach this mode before they decompose: run their decomposition here, so that its kernels
+            # (addmm, convolution, the attention kernel) are counted, as torch's FlopCounterMode does
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
         if name.startswith("quantized.linear_dynamic"):
             x, weight = args[0], args[1].unpack()[0]  # (..., K), int8 (N, K)
             n, k = weight.shape
@@ -186,8 +209,9 @@ class count(TorchDispatchMode):
             else:
                 flops = flop_registry[packet](*args, **kwargs, out_val=out)
             self.work.flops[_DTYPES.get(args[0].dtype if func not in _CPU_SDPA or len(args) < 4 else args[1].dtype, "fp32")] += flops
-        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-        outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        # oneDNN's opaque tensors (a weight being packed) have no storage to compare and are not counted
+        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor) and a.layout == torch.strided]
+        outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor) and o.layout == torch.strided]
         storages = {a.untyped_storage().data_ptr() for a in inputs}
         in_place = name.endswith("_") and not name.endswith("__")
         if not in_place and outputs and all(o.untyped_storage().data_ptr() in storages for o in outputs):
