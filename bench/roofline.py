@@ -132,6 +132,13 @@ class Work:
             out.flops[k] = v * factor
         return out
 
+    def minus(self, other: "Work") -> "Work":
+        """The work of a call less that of a part of it (a decoding less its prefix pass)."""
+        out = Work(bytes=self.bytes - other.bytes)
+        for k in {*self.flops, *other.flops}:
+            out.flops[k] = self.flops.get(k, 0.0) - other.flops.get(k, 0.0)
+        return out
+
     def total_flops(self) -> float:
         return sum(self.flops.values())
 

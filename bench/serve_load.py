@@ -178,6 +178,61 @@ def batch_work(ckpt: Path, precision: str, images: list[bytes], size: int, max_n
     return roofline.measure(lambda: captioner.caption_pixels(pixels, Decoding("greedy", max_new_tokens=max_new_tokens)))
 
 
+def batch_phases(ckpt: Path, precision: str, images: list[bytes], size: int, max_new_tokens: int, threads: int | None) -> list[tuple[str, float, roofline.Work]]:
+    """(phase, median seconds, work) for the parts of one such forward pass, which run one after
+    another (each needs the last one's output): the CLIP encoder, the mapper, GPT-2's pass over the
+    prefix, and the greedy steps after it (the whole decoding minus the prefix pass)."""
+    import torch
+    from PIL import Image
+
+    from captioner.api import Captioner
+    from captioner.generate import Decoding, _prefill, generate_ids
+
+    if threads:
+        torch.set_num_threads(threads)
+    captioner = Captioner.from_pretrained(ckpt, int8=precision == "int8", precision="fp32" if precision == "int8" else precision)
+    module, decoding = captioner.module, Decoding("greedy", max_new_tokens=max_new_tokens)
+    pixels = captioner.pixels([Image.open(io.BytesIO(images[i % len(images)])) for i in range(size)])
+    with torch.inference_mode():
+        features = module.features({"pixels": pixels})
+        prefix = module.mapper(features).to(module.decoder.dtype)
+        parts = {
+            "CLIP encoder": lambda: module.features({"pixels": pixels}),
+            "mapper": lambda: module.mapper(features),
+            "GPT-2 prefix pass": lambda: _prefill(module.decoder, prefix, capacity=prefix.shape[1] + max_new_tokens),
+            "decoding": lambda: generate_ids(module.decoder, module.tokenizer, prefix, decoding),
+        }
+        seconds = {name: roofline.timed(fn, 3)[0] for name, fn in parts.items()}
+        works = {name: roofline.measure(fn) for name, fn in parts.items()}
+    steps = max_new_tokens - 1
+    rows = [(name, seconds[name], works[name]) for name in ("CLIP encoder", "mapper", "GPT-2 prefix pass")]
+    rows.append((f"GPT-2 steps (decoding minus the prefix pass, <= {steps})", seconds["decoding"] - seconds["GPT-2 prefix pass"],
+                 works["decoding"].minus(works["GPT-2 prefix pass"])))
+    return rows
+
+
+def phase_table(console: Console, precision: str, size: int, phases: list, whole: roofline.Work, peak) -> str:
+    """The batch phase by phase, each against its own floor, and what that leaves of the roofline:
+    phases that run one after another need at least the sum of their floors, while the batch's
+    roofline floor is max(all FLOPs / peak, all bytes / bandwidth), which assumes compute and memory
+    traffic overlap across the whole batch."""
+    table = Table(title=f"{PRECISIONS[precision]}, one batch of {size}, phase by phase (timed in the bench process, median of 3)")
+    for column in ("phase", "ms", "GFLOP", "GB", "floor ms", *roofline.COLUMNS):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    floors = 0.0
+    for name, seconds, work in phases:
+        floor, bound = work.floor(peak)
+        floors += floor
+        table.add_row(name, f"{1000 * seconds:.0f}", f"{work.total_flops() / 1e9:.2f}", f"{work.bytes / 1e9:.3f}", f"{1000 * floor:.0f} ({bound})",
+                      *work.cells(seconds, peak))
+    console.print(table)
+    roof, bound = whole.floor(peak)
+    compute = whole.floor(roofline.Peak(peak.device, peak.threads, peak.gflops, float("inf")))[0]
+    return (f"{precision}: the phases' floors add up to {1000 * floors:.0f} ms, the batch's roofline floor is {1000 * roof:.0f} ms ({bound}): "
+            f"run one after another at every phase's own limit, a batch would reach {100 * roof / floors:.0f} % of the roofline "
+            f"and {100 * compute / floors:.0f} % of the compute peak (its FLOPs at the probed matmul rate)")
+
+
 PRECISIONS = {"fp32": "fp32", "bf16": "bf16 CLIP + GPT-2", "int8": "int8 GPT-2 + mapper"}
 
 
@@ -227,10 +282,15 @@ def main() -> None:
             works = {(p, round(r["batch"])): None for p, c, b, r in rows}
             for p, size in works:
                 works[p, size] = batch_work(ckpt, p, images, size, args.max_new_tokens, args.threads)
-    report(console, rows, args, peak, works)
+        phases = {}
+        for precision in args.precision:  # the largest batch each precision served
+            size = max(s for p, s in works if p == precision)
+            with console.status(f"timing and counting a batch of {size} phase by phase ({precision})"):
+                phases[precision, size] = batch_phases(ckpt, precision, images, size, args.max_new_tokens, args.threads)
+    report(console, rows, args, peak, works, phases)
 
 
-def report(console: Console, rows: list, args, peak, works) -> None:
+def report(console: Console, rows: list, args, peak, works, phases) -> None:
     model = "embedded-size (tiny)" if args.tiny else ("checkpoint " + str(args.ckpt) if args.ckpt else "ViT-B/32 + GPT-2 124M, random weights")
     table = Table(title=f"serve load: {model}, CPU, {args.max_new_tokens} new tokens, greedy")
     console.print(peak.line())
@@ -261,8 +321,11 @@ def report(console: Console, rows: list, args, peak, works) -> None:
                 verdict = "PASS" if ratio <= 1.5 and errors == 0 else "FAIL"
                 verdicts.append(f"{precision}: p95 at C={top} <= 1.5x p95 at C=1 with 0 errors -> {ratio:.2f}x, {errors} errors: {verdict}")
     console.print(table)
+    limits = [phase_table(console, precision, size, parts, works[precision, size], peak) for (precision, size), parts in phases.items()]
     for line in verdicts:
         console.print("target " + line)
+    for line in limits:
+        console.print("limit " + line)
 
 
 if __name__ == "__main__":
