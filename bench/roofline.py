@@ -142,9 +142,13 @@ class Work:
     def total_flops(self) -> float:
         return sum(self.flops.values())
 
+    def compute_seconds(self, peak: Peak) -> float:
+        """The FLOPs at the probed matmul rate of their dtype."""
+        return sum(v / (peak.gflops[k] * 1e9) for k, v in self.flops.items())
+
     def floor(self, peak: Peak) -> tuple[float, str]:
         """(seconds the machine needs at least, which limit binds: compute or memory)."""
-        compute = sum(v / (peak.gflops[k] * 1e9) for k, v in self.flops.items())
+        compute = self.compute_seconds(peak)
         memory = self.bytes / (peak.read_gbs * 1e9)
         return (compute, "compute") if compute >= memory else (memory, "memory")
 
