@@ -325,3 +325,97 @@ def test_training_batches_pad_to_their_own_longest_caption_and_buckets_cut_paddi
     assert padding(bucketed) < 0.5 * padding(plain)
     assert [b["image_id"].tolist() for b in epoch(4)] == [b["image_id"].tolist() for b in bucketed]  # seeded
     assert [b["image_id"].tolist() for b in epoch(4, 1)] != [b["image_id"].tolist() for b in bucketed]  # reshuffled per epoch
+
+
+def _sharded(directory: Path, records, world_size: int = 2, encoder_factory=None) -> list[Exception]:
+    """One distributed run of `world_size` ranks (threads joined by a barrier) on `directory`."""
+    barrier, errors = threading.Barrier(world_size), []
+    factory = encoder_factory or partial(ClipEncoder, TINY_CLIP)
+    encoders = [factory() for _ in range(world_size)]
+
+    def rank(r: int) -> None:
+        try:
+            extract(directory, records, encoder_factory=lambda: encoders[r], rank=r, world_size=world_size, barrier=barrier.wait)
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() if p.is_file() else "a directory" for p in sorted(directory.iterdir())}
+
+
+def test_a_second_merge_over_a_complete_store_leaves_it_bit_identical(tmp_path):
+    """A second distributed job of a sweep on the same cache reaches its merge after the first one completed
+    the store: the merge must not re-create the arrays (they were zeroed) nor declare a half store complete."""
+    from captioner.data.extraction import Extraction
+    from captioner.data.features import describe
+
+    records = make_images(tmp_path / "images", 23)
+    assert not _sharded(tmp_path / "store", records)
+    before = _snapshot(tmp_path / "store")
+    encoder = ClipEncoder(TINY_CLIP)
+    manifest = describe(records, TINY_CLIP, "fp32", encoder.resolution, "train", "fp32", True)
+    shapes = {"clip_features": (encoder.embed_dim,), "patch_tokens": (encoder.num_tokens, encoder.token_dim)}
+    late = Extraction(records, encoder, manifest, shapes, 4, 0, "cpu", 0)
+    (tmp_path / "store" / "shards" / "0-of-2").mkdir(parents=True)  # the late job's shards, left beside the store
+    try:
+        late.merge(tmp_path / "store", 2, "stop")
+    finally:  # same files, same bytes, whether or not the merge raised: the shards are gone, the store kept
+        assert _snapshot(tmp_path / "store") == before
+
+
+def test_finish_refuses_a_store_with_rows_neither_done_nor_bad(tmp_path):
+    from captioner.data.extraction import Extraction
+
+    records = make_images(tmp_path / "images", 4)
+    job = Extraction(records, None, {"dtype": "fp32", "split": "train"}, {}, 4, 0, "cpu", 0)
+    (tmp_path / "store").mkdir()
+    with pytest.raises(RuntimeError, match="1 rows were neither encoded nor reported unreadable"):
+        job.finish(tmp_path / "store", np.array([1, 2]), {2: "cannot be decoded"}, "skip")
+    assert not (tmp_path / "store" / "manifest.json").exists()
+
+
+def test_a_distributed_run_waits_for_another_jobs_lock_then_reads_its_store(tmp_path):
+    """Jobs of a sweep under DDP share the store's lock: the second one writes nothing while the first
+    holds it, and then finds the store complete."""
+    from captioner.data.manifest import sole_writer
+
+    records = make_images(tmp_path / "images", 12)
+    assert not _sharded(tmp_path / "first", records)
+    CountingEncoder.encoded = 0
+    store, result = tmp_path / "store", []
+    with sole_writer(store):  # the first job, still writing
+        late = threading.Thread(target=lambda: result.append(_sharded(store, records, encoder_factory=partial(CountingEncoder, TINY_CLIP))))
+        late.start()
+        time.sleep(1.5)
+        assert CountingEncoder.encoded == 0 and not store.exists()
+        store.mkdir()
+        for name, data in _snapshot(tmp_path / "first").items():  # the first job completes its store
+            (store / name).write_bytes(data)
+    late.join(timeout=120)
+    assert result == [[]] and CountingEncoder.encoded == 0
+    assert _snapshot(store) == _snapshot(tmp_path / "first")
+
+
+def test_a_full_disk_is_one_error_with_the_bytes_needed_before_anything_is_written(tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    from captioner.data.disk import DiskFullError
+
+    records = make_images(tmp_path / "images", 12)
+    extract(tmp_path / "kept", records)
+    kept = _snapshot(tmp_path / "kept")
+    real = shutil_module.disk_usage
+    monkeypatch.setattr("captioner.data.disk.shutil.disk_usage", lambda p: real(p)._replace(free=10_000))
+    with pytest.raises(DiskFullError, match=r"feature store .*store needs .*MiB \(\d[\d,]+ bytes\) but .* has .*10,000 bytes\) free"):
+        extract(tmp_path / "store", records)
+    assert not list((tmp_path / "store").glob("*.npy"))  # no sparse file to SIGBUS on later
+    assert _snapshot(tmp_path / "kept") == kept

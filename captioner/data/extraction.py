@@ -21,7 +21,10 @@ from tqdm import tqdm
 from captioner.data.coco import ImageRecord
 from captioner.data.images import load_image
 from captioner.data.features import FeatureStore, content_hash, describe, file_size
-from captioner.data.manifest import MANIFEST, StaleStoreError, check_manifest, differences, read_manifest, sole_writer, write_json
+from captioner.data.disk import new_arrays
+from captioner.data.manifest import (
+    MANIFEST, StaleStoreError, check_manifest, differences, read_manifest, refuse_complete, sole_writer, write_json,
+)
 
 log = logging.getLogger(__name__)
 BAD_IMAGE_POLICIES = ("stop", "skip")
@@ -56,7 +59,7 @@ def open_or_extract(
     if bad_images not in BAD_IMAGE_POLICIES:
         raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r} (data.bad_images)")
     directory = Path(directory)
-    with sole_writer(directory, world_size):
+    with sole_writer(directory, rank, world_size, barrier):
         found = read_manifest(directory)
         if found is not None:
             wanted = describe(records, encoder_spec, precision, 0, split, dtype, tokens)
@@ -143,12 +146,10 @@ class Extraction:
                     f"Delete the directory to start over, or point data.cache_dir elsewhere."
                 )
             shutil.rmtree(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        arrays = {
-            name: np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=self.np_dtype, shape=(len(records), *shape))
-            for name, shape in self.shapes.items()
-        }
-        done = np.lib.format.open_memmap(directory / "done.npy", mode="w+", dtype=np.uint8, shape=(len(records),))
+        refuse_complete(directory)
+        specs = {name: (self.np_dtype, (len(records), *shape)) for name, shape in self.shapes.items()}
+        arrays = new_arrays(directory, {**specs, "done": (np.uint8, (len(records),))}, f"feature store {directory}")
+        done = arrays.pop("done")
         write_json(pending, {"manifest": manifest, "sizes": sizes, **(extra or {})})
         return arrays, done
 
@@ -181,8 +182,9 @@ class Extraction:
     def run(self, directory: Path, bad_images: str) -> None:
         arrays, done = self.open(directory, self.records, self.manifest)
         bad = self.encode(directory, self.records, arrays, done, self.chunks(range(len(self.records))))
+        missing = np.flatnonzero(done[:] == 0)
         del arrays, done
-        self.finish(directory, bad, bad_images)
+        self.finish(directory, missing, bad, bad_images)
 
     def run_sharded(self, directory: Path, bad_images: str, rank: int, world_size: int, barrier) -> None:
         """Rank r encodes every world_size-th pending chunk into shards/r-of-W; rank 0 merges."""
@@ -209,6 +211,12 @@ class Extraction:
         barrier()
 
     def merge(self, directory: Path, world_size: int, bad_images: str) -> None:
+        """The shards into the store; a store already complete (written by another job meanwhile) is left
+        exactly as it is and only the shards are dropped."""
+        if read_manifest(directory) is not None:
+            log.warning("feature store %s was completed by another run: its shards are dropped, the store is kept", directory)
+            shutil.rmtree(directory / "shards", ignore_errors=True)
+            return
         arrays, done = self.open(directory, self.records, self.manifest)
         finished, bad = [], {}
         for shard in sorted((directory / "shards").glob(f"*-of-{world_size}")):
@@ -226,12 +234,20 @@ class Extraction:
         for array in (*arrays.values(), done):
             array.flush()
         write_json(directory / "progress.json", {"rows": int(done.sum()), "bad": bad})
+        missing = np.flatnonzero(done[:] == 0)
         del arrays, done
         shutil.rmtree(directory / "shards")
-        self.finish(directory, bad, bad_images)
+        self.finish(directory, missing, bad, bad_images)
 
-    def finish(self, directory: Path, bad: Mapping[int, str], bad_images: str) -> None:
-        """Write the manifest (the store is complete) unless bad images stop it."""
+    def finish(self, directory: Path, missing: np.ndarray, bad: Mapping[int, str], bad_images: str) -> None:
+        """Write the manifest (the store is complete) unless bad images stop it. `missing` are the rows not
+        marked done: each must be a bad image, or the store is not complete and no manifest is written."""
+        unaccounted = sorted(set(missing.tolist()) - set(bad))
+        if unaccounted:
+            raise RuntimeError(
+                f"feature store {directory}: {len(unaccounted)} rows were neither encoded nor reported unreadable "
+                f"(first: {[str(self.records[i].path) for i in unaccounted[:3]]}); run again to encode them"
+            )
         if bad and bad_images == "stop":
             return  # the caller raises BadImagesError; rows done so far stay on disk
         if bad:

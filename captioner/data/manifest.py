@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock
@@ -33,14 +34,41 @@ def plain(value):
     return json.loads(json.dumps(value, default=default))
 
 
-def sole_writer(directory: Path, world_size: int = 1) -> AbstractContextManager:
-    """Hold it while a store is checked and written: a second run on the same store (jobs of a local
-    sweep side by side) waits, then reads what the first wrote. The ranks of one distributed run share
-    the writing by barriers instead, so they take no lock."""
-    if world_size > 1:
-        return nullcontext()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(directory.parent / f".{directory.name}.lock")  # hidden, beside the store
+@contextmanager
+def sole_writer(directory: Path, rank: int = 0, world_size: int = 1, barrier: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold it while a store is checked and written: a second run on the same store (jobs of a sweep
+    side by side, on one machine or on nodes sharing the file system) waits, then reads what the first
+    wrote, so a complete store is never written again.
+
+    A distributed run takes the lock once, on rank 0, and its other ranks wait at `barrier` until rank 0
+    holds it: the ranks then share the writing by barriers of their own (a lock per rank would deadlock
+    at the first of them). Every rank reads the manifest only after that barrier, so all of them see
+    the same state."""
+    lock = None
+    if rank == 0:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(directory.parent / f".{directory.name}.lock")  # hidden, beside the store
+        lock.acquire()
+    try:
+        if world_size > 1 and barrier is not None:
+            barrier()
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class CompleteStoreError(RuntimeError):
+    """A writer was about to create arrays over a store whose manifest says it is complete."""
+
+
+def refuse_complete(directory: Path) -> None:
+    """Called before any array of a store is created: a complete store is never rewritten."""
+    if (Path(directory) / MANIFEST).exists():
+        raise CompleteStoreError(
+            f"store {directory} is already complete (it has a {MANIFEST}); refusing to write its arrays again. "
+            f"Delete the directory to re-extract it."
+        )
 
 
 def write_json(path: Path, value) -> None:

@@ -44,7 +44,8 @@ from captioner.data.coco import ImageRecord
 from captioner.data.images import upright_rgb
 from captioner.data.extraction import BAD_IMAGE_POLICIES, BadImagesError
 from captioner.data.features import FeatureStore, describe
-from captioner.data.manifest import StaleStoreError, check_manifest, differences, read_manifest, sole_writer
+from captioner.data.disk import new_arrays
+from captioner.data.manifest import StaleStoreError, check_manifest, differences, read_manifest, refuse_complete, sole_writer
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +219,17 @@ class ShardExtraction:
                 for k, why in s["bad"].items()}
 
     def merge(self) -> None:
-        """Rank 0, once every shard has a part: the parts in shard order become the store."""
+        """Rank 0, once every shard has a part: the parts in shard order become the store. A store already
+        complete is left exactly as it is."""
+        if read_manifest(self.directory) is not None:
+            log.warning("feature store %s is already complete: its parts are dropped, the store is kept", self.directory)
+            shutil.rmtree(self.parts, ignore_errors=True)
+            return
         parts = [self.part(i) for i in range(len(self.urls))]
+        absent = [self.urls[i] for i, p in enumerate(parts) if not (p / "part.json").is_file()]
+        if absent:
+            raise RuntimeError(f"feature store {self.directory}: {len(absent)} shards have no finished part "
+                               f"(first: {absent[:3]}); run again to read them")
         summaries = [json.loads((p / "part.json").read_text()) for p in parts]
         keys, captions, owner, batches = [], [], {}, []  # batches: (part, number, rows)
         for index, (part, summary) in enumerate(zip(parts, summaries)):
@@ -233,15 +243,17 @@ class ShardExtraction:
                 keys += samples["keys"]
                 captions += samples["captions"]
                 batches.append((part, b, len(samples["keys"])))
-        arrays = {name: np.lib.format.open_memmap(self.directory / f"{name}.npy", mode="w+", dtype=self.np_dtype,
-                                                  shape=(len(keys), *shape)) for name, shape in self.shapes.items()}
+        refuse_complete(self.directory)
+        arrays = new_arrays(self.directory, {name: (self.np_dtype, (len(keys), *shape)) for name, shape in self.shapes.items()},
+                            f"feature store {self.directory}")
         row = 0
         for part, b, rows in batches:
             if rows:  # a batch of only unusable samples wrote no arrays
                 for name, array in arrays.items():
                     array[row : row + rows] = np.load(part / f"{name}-{b:06d}.npy")
             row += rows
-        assert row == len(keys), f"merged {row} rows for {len(keys)} keys"
+        if row != len(keys):  # every good sample has its row, or the store is not declared complete
+            raise RuntimeError(f"feature store {self.directory}: merged {row} rows for {len(keys)} samples; run again")
         for array in arrays.values():
             array.flush()
         del arrays
@@ -290,7 +302,7 @@ def open_or_extract(
     if bad_images not in BAD_IMAGE_POLICIES:
         raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r} (data.bad_images)")
     directory, urls, barrier = Path(directory), expand(shards), barrier or (lambda: None)
-    with sole_writer(directory, world_size):
+    with sole_writer(directory, rank, world_size, barrier):
         if read_manifest(directory) is not None:
             wanted = {k: v for k, v in _settings([], encoder_spec, precision, 0, split, dtype, tokens, urls).items() if k != "preprocessing"}
             check_manifest(directory, wanted, "feature store", "Delete the directory to re-extract, or point data.cache_dir elsewhere.")
