@@ -1,4 +1,5 @@
-"""Training callbacks: pictures of the run, and the random state a resumed run needs."""
+"""Training callbacks: pictures of the run, the random state a resumed run needs, and the guard that
+keeps non-finite numbers out of the weights and the checkpoints."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from captioner.data.sampler import ResumableLoader, ResumableSampler
 
@@ -58,6 +60,77 @@ class ResumeState(L.Callback):
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         version, python_state, python_gauss = state["python"]
         random.setstate((version, tuple(python_state), python_gauss))
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or an infinity; the message names the step and what was not finite."""
+
+
+FIX = "lower model.lr, or set callbacks.finite.on_non_finite=skip to skip such steps"
+
+
+def _finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None and t.is_floating_point())
+
+
+class FiniteTraining(L.Callback):
+    """A non-finite loss, gradient or weight never reaches a checkpoint.
+
+    `on_non_finite=stop` (the default) raises NonFiniteError naming the step as soon as the loss or a
+    gradient is NaN/inf, before the optimizer step, so the weights in memory and in `last.ckpt` are the
+    last finite ones. `skip` drops such a step instead (every gradient set to None: the optimizer leaves
+    weights and moments untouched, the step counter and the schedule move on) and stops after
+    `max_skips` skipped steps in a row. Weights that become non-finite after a step (a finite but huge
+    update) stop training under either policy, and any checkpoint whose weights are not finite is
+    refused before it is written. Mixed fp16 leaves gradient overflow to its GradScaler."""
+
+    def __init__(self, on_non_finite: str = "stop", max_skips: int = 10):
+        if on_non_finite not in ("stop", "skip"):
+            raise ValueError(f"on_non_finite must be stop or skip, got {on_non_finite!r} (callbacks.finite.on_non_finite)")
+        self.policy, self.max_skips = on_non_finite, max_skips
+        self.skipped: list[int] = []  # the steps skipped, in order
+        self._in_a_row = 0
+
+    def on_before_backward(self, trainer, module, loss) -> None:
+        if self.policy == "stop" and not torch.isfinite(loss).all():
+            raise NonFiniteError(f"loss is {loss.item()} at step {trainer.global_step}: training stopped before the "
+                                 f"weights changed, so the last checkpoint stays finite; {FIX}")
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 mixed precision: the GradScaler skips overflowing steps itself
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if _finite(p.grad for p in params):
+            self._in_a_row = 0
+            return
+        if self.policy == "stop":
+            raise NonFiniteError(f"a gradient is NaN or infinite at step {trainer.global_step}: training stopped before "
+                                 f"the weights changed, so the last checkpoint stays finite; {FIX}")
+        for p in params:
+            p.grad = None  # optimizers pass over parameters without a gradient: no update, no moment change
+        self.skipped.append(trainer.global_step)
+        self._in_a_row += 1
+        rank_zero_warn(f"skipped step {trainer.global_step}: non-finite loss or gradient ({len(self.skipped)} skipped so far)")
+        if self._in_a_row >= self.max_skips:
+            raise NonFiniteError(f"{self._in_a_row} steps in a row up to step {trainer.global_step} had a non-finite loss "
+                                 f"or gradient: training stopped; lower model.lr")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if not _finite(p for p in module.parameters() if p.requires_grad):
+            raise NonFiniteError(f"weights became NaN or infinite at step {trainer.global_step - 1} (a finite but too "
+                                 f"large update): training stopped, the last checkpoint is the last finite one; lower model.lr")
+
+    def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        bad = [k for k, t in checkpoint.get("state_dict", {}).items() if not _finite([t])]
+        if bad:
+            raise NonFiniteError(f"refusing to write a checkpoint at step {trainer.global_step}: {len(bad)} tensors are "
+                                 f"not finite ({', '.join(bad[:3])}...); the previous checkpoint is kept")
+
+    def state_dict(self) -> dict:
+        return {"skipped": list(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = list(state["skipped"])
 
 
 class LossCurve(L.Callback):

@@ -201,10 +201,13 @@ def hydra_main(config_name: str) -> Callable:
     absent weights, a ValueError naming a setting). `HYDRA_FULL_ERROR=1` shows the traceback."""
     import hydra
 
-    from captioner.data.manifest import StaleStoreError
+    from captioner.callbacks import NonFiniteError
+    from captioner.data.disk import DiskFullError
+    from captioner.data.manifest import CompleteStoreError, StaleStoreError
     from captioner.models.hub import MissingWeightsError
 
-    user_errors = (ConfigError, ValueError, FileNotFoundError, StaleStoreError, MissingWeightsError)
+    user_errors = (ConfigError, ValueError, FileNotFoundError, StaleStoreError, CompleteStoreError, MissingWeightsError,
+                   DiskFullError, NonFiniteError)
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
     def decorate(task: Callable) -> Callable:
