@@ -254,7 +254,8 @@ class Extraction:
             log.warning("skipped %d unreadable images (data.bad_images=skip):\n%s", len(bad),
                         "\n".join(f"  {self.records[i].path}: {why}" for i, why in sorted(bad.items())[:20]))
         skipped = sorted(self.records[i].image_id for i in bad)
-        write_json(directory / MANIFEST, {**self.manifest, "skipped": skipped})
+        reasons = {str(self.records[i].image_id): why for i, why in sorted(bad.items())}
+        write_json(directory / MANIFEST, {**self.manifest, "skipped": skipped, "skipped_reasons": reasons})
         for name in ("pending.json", "done.npy", "progress.json"):
             (directory / name).unlink(missing_ok=True)
         shutil.rmtree(directory / "shards", ignore_errors=True)  # left by an interrupted distributed run

@@ -1,12 +1,14 @@
 """Image decoding, shared by extraction, the Python API, the web upload and the sample grid.
 
 Every image, whatever its file format or mode, becomes upright 8-bit RGB; a file that cannot be
-decoded raises ValueError naming it, so callers can skip it or report it in one line.
+decoded, or whose shape is absurd, raises ValueError naming it, so callers can skip it or report it in
+one line. The shape is read from the header and checked before a pixel is decoded.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -17,16 +19,33 @@ ImageLike = str | Path | Image.Image | torch.Tensor
 MAX_ASPECT = 50
 
 
+# what PIL raises for truncated, corrupt or non-image data, and for an image over Image.MAX_IMAGE_PIXELS
+DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError)
+
+
+class ImageShapeError(ValueError):
+    """An image whose shape cannot be captioned (too elongated, empty)."""
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Any image file as upright RGB: EXIF orientation applied; grayscale, palette, CMYK, alpha and
-    16-bit converted. Raises ValueError naming the file when it is missing or cannot be decoded."""
+    16-bit converted. Raises ValueError naming the file when it is missing, cannot be decoded, holds
+    more pixels than PIL's decompression-bomb limit, or is too elongated to caption."""
+    return decode(path, path)
+
+
+def decode(source: str | Path | BinaryIO, name) -> Image.Image:
+    """`load_image` for a path or an open binary file, errors naming `name` (a path, `shard#key`)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            check_shape(image.size, name)  # from the header: a 50000x1 PNG is refused before it is decoded
             return upright_rgb(image)
     except FileNotFoundError:
-        raise ValueError(f"image {path} does not exist") from None
-    except (OSError, SyntaxError) as e:  # PIL raises these for truncated or non-image files
-        raise ValueError(f"image {path} cannot be decoded ({e}); remove or replace it") from None
+        raise ValueError(f"image {name} does not exist") from None
+    except ImageShapeError:
+        raise
+    except DECODE_ERRORS as e:
+        raise ValueError(f"image {name} cannot be decoded ({type(e).__name__}: {e}); remove or replace it") from None
 
 
 def upright_rgb(image: Image.Image) -> Image.Image:
@@ -64,8 +83,14 @@ def to_pil(image: ImageLike) -> Image.Image:
     raise TypeError(f"cannot caption a {type(image).__name__}: pass a path, a PIL image or a (C, H, W) tensor")
 
 
-def check_aspect(image: Image.Image, name) -> Image.Image:
-    w, h = image.size
+def check_shape(size: tuple[int, int], name) -> None:
+    w, h = size
+    if min(w, h) < 1:
+        raise ImageShapeError(f"image {name}: {w}x{h} has no pixels")
     if max(w, h) > MAX_ASPECT * min(w, h):
-        raise ValueError(f"{name}: {w}x{h} is too elongated to caption (aspect ratio over {MAX_ASPECT}:1); crop it")
+        raise ImageShapeError(f"image {name}: {w}x{h} is too elongated to caption (aspect ratio over {MAX_ASPECT}:1); crop it")
+
+
+def check_aspect(image: Image.Image, name) -> Image.Image:
+    check_shape(image.size, name)
     return image

@@ -36,12 +36,11 @@ import fsspec
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.data.coco import ImageRecord
-from captioner.data.images import upright_rgb
+from captioner.data.images import decode
 from captioner.data.extraction import BAD_IMAGE_POLICIES, BadImagesError
 from captioner.data.features import FeatureStore, describe
 from captioner.data.disk import new_arrays
@@ -81,30 +80,57 @@ def _open(url: str):
     return fsspec.open(url, "rb").open()
 
 
+class CaptionTextError(ValueError):
+    """A sample's caption text that is not UTF-8, not JSON, or not a string (list of strings) where one belongs."""
+
+
+def _strings(value, field: str) -> list[str]:
+    """`caption` (a string) or `captions` (a list of strings) as stripped, non-empty strings."""
+    if field == "caption":
+        value = [value]
+    elif not isinstance(value, list):  # a bare string would be read as its characters
+        raise CaptionTextError(f".json `captions` must be a list of strings, got {type(value).__name__} {value!r:.60}")
+    if not all(isinstance(c, str) for c in value):
+        raise CaptionTextError(f".json `{field}` must hold strings, got {[type(c).__name__ for c in value]}")
+    return [c.strip() for c in value if c.strip()]
+
+
 def _captions(sample: dict) -> tuple[str, ...]:
-    if "json" in sample:
-        meta = json.loads(sample["json"])
-        found = meta.get("captions") or ([meta["caption"]] if meta.get("caption") else [])
-        if found:
-            return tuple(c.strip() for c in found if c.strip())
-    if "txt" in sample:
-        return tuple(line.strip() for line in sample["txt"].decode("utf-8").splitlines() if line.strip())
+    """The sample's references; raises CaptionTextError naming what is wrong with its text."""
+    try:
+        if "json" in sample:
+            meta = json.loads(sample["json"].decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise CaptionTextError(f".json must be an object with caption/captions, got {type(meta).__name__}")
+            for field in ("captions", "caption"):
+                found = _strings(meta[field], field) if meta.get(field) not in (None, "", []) else []
+                if found:
+                    return tuple(found)
+        if "txt" in sample:
+            return tuple(line.strip() for line in sample["txt"].decode("utf-8").splitlines() if line.strip())
+    except UnicodeDecodeError as e:
+        raise CaptionTextError(f"caption text is not UTF-8 ({e})") from None
+    except json.JSONDecodeError as e:
+        raise CaptionTextError(f".json is not valid JSON ({e})") from None
     return ()
 
 
 def _decode(sample: dict, preprocess) -> tuple[torch.Tensor | None, tuple[str, ...], str | None]:
-    """(pixels, captions, why the sample is unusable or None): the same decoder as coco.load_image."""
-    captions = _captions(sample)
-    data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-    if data is None:
+    """(pixels, captions, why the sample is unusable or None): the same decoder as coco.load_image,
+    and every failure of the sample's text or image is a reason, never an exception."""
+    try:
+        captions = _captions(sample)
+    except CaptionTextError as e:
+        return None, (), str(e)
+    ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if ext is None:
         return None, captions, f"no image ({'/'.join(IMAGE_EXTENSIONS)}) in the sample"
     if not captions:
         return None, captions, "no caption (.txt, or .json with caption/captions)"
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return preprocess(upright_rgb(image)), captions, None
-    except (OSError, SyntaxError) as e:
-        return None, captions, f"image cannot be decoded ({e})"
+        return preprocess(decode(io.BytesIO(sample[ext]), f"{sample['__key__']}.{ext}")), captions, None
+    except ValueError as e:
+        return None, captions, str(e)
 
 
 class _ShardBatches(torch.utils.data.IterableDataset):
@@ -265,6 +291,7 @@ class ShardExtraction:
         ids = [image_id(k) for k in keys]
         manifest = {**self.settings, "source": "webdataset", "count": len(keys), "image_ids": ids, "keys": keys,
                     "shard_counts": [s["count"] for s in summaries], "skipped": [], "skipped_samples": sorted(skipped),
+                    "skipped_reasons": dict(sorted(skipped.items())),
                     "content_hash": hashlib.sha256("\n".join(f"{u}\t{s['count']}" for u, s in zip(self.urls, summaries)).encode()
                                                    + "\n".join(keys).encode()).hexdigest()}
         _write_json(self.directory / "manifest.json", manifest)  # last: the store is complete
