@@ -9,7 +9,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from captioner.data.sampler import ResumableLoader, ResumableSampler
 
@@ -60,6 +62,63 @@ class ResumeState(L.Callback):
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         version, python_state, python_gauss = state["python"]
         random.setstate((version, tuple(python_state), python_gauss))
+
+
+class PreemptionCheckpoint(OnExceptionCheckpoint):
+    """SIGTERM (SLURM's preemption, `scancel`, a spot instance going away) saves the run at its current step
+    as `dirpath/last.ckpt`, which `ckpt_path=auto` resumes.
+
+    Lightning's own signal handling does the rest: its SIGTERM handler sets `trainer.received_sigterm`,
+    the loop finishes the batch in hand (every rank of a distributed run, by broadcast) and raises
+    SIGTERMException; this is Lightning's OnExceptionCheckpoint, limited to that exception (a crash or a
+    NaN must not overwrite the last good checkpoint) and keeping its file (it is the resume point).
+    The entry point then exits non-zero (`captioner.train`: 143, as a process killed by SIGTERM)."""
+
+    def __init__(self, dirpath: str, filename: str = "last"):
+        super().__init__(dirpath, filename)
+
+    def on_exception(self, trainer, module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.ckpt_path)
+            rank_zero_warn(f"SIGTERM at step {trainer.global_step}: saved {self.ckpt_path}; resume with ckpt_path=auto")
+
+    def teardown(self, trainer, module, stage: str) -> None:
+        pass  # Lightning's removes its file here: this one is what the next run resumes
+
+
+class ResumeMismatchError(ValueError):
+    """A run resumed with settings that change its data order or its optimizer."""
+
+
+class RunSettings(L.Callback):
+    """Keeps, in every checkpoint, the settings that fix the data order and the optimizer (`settings`:
+    config key -> value); resuming a checkpoint is refused when they differ (`check_resume`)."""
+
+    def __init__(self, settings: dict):
+        self.settings = dict(settings)
+
+    def state_dict(self) -> dict:
+        return {"settings": self.settings}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass  # compared before training starts, by check_resume
+
+
+def check_resume(checkpoint: dict, settings: dict, allow_changes: bool = False) -> list[str]:
+    """The settings of `checkpoint` (its RunSettings state) that differ from `settings`, as phrases.
+    Raises ResumeMismatchError listing them unless `allow_changes`; a checkpoint without RunSettings
+    (written before it existed) is not checked."""
+    saved = next((v["settings"] for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("RunSettings")), None)
+    if saved is None:
+        return []
+    changed = [f"{k} (checkpoint {saved.get(k)!r}, now {v!r})" for k, v in settings.items() if saved.get(k) != v]
+    if changed and not allow_changes:
+        raise ResumeMismatchError(
+            f"resuming would change the data order or the optimizer: {'; '.join(changed)}. Resume with the checkpoint's "
+            f"values, start a new run directory, or pass +allow_resume_changes=true (the optimizer and its schedule "
+            f"still come from the checkpoint)"
+        )
+    return changed
 
 
 class NonFiniteError(RuntimeError):

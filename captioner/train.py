@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -12,10 +14,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from captioner import clipscore
 from captioner.api import Captioner
+from captioner.callbacks import PreemptionCheckpoint, RunSettings, check_resume
 from captioner.checkpoint import read_checkpoint, resolve_ckpt_path
 from captioner.config import hydra_main
 from captioner.generate import decoding_from
@@ -23,6 +27,16 @@ from captioner.grid import caption_grid
 from captioner.loggers import build_loggers
 from captioner.pretraining import prepare as prepare_pretrained
 from captioner.results import print_scores, score_split, write_results
+
+# what a resumed run must share with the run that wrote its checkpoint: the data order and the optimizer
+RESUME_KEYS = ("seed", "data.batch_size", "data.length_buckets", "data.seed", "data.noise", "model.lr", "model.weight_decay",
+               "model.warmup_steps", "model.adamw", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
+               "trainer.devices", "trainer.num_nodes", "trainer.max_epochs", "trainer.max_steps")
+
+
+def resume_settings(cfg: DictConfig) -> dict:
+    return {key: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for key in RESUME_KEYS for v in [OmegaConf.select(cfg, key, default=None)]}
 
 
 def run(cfg: DictConfig) -> dict:
@@ -34,6 +48,10 @@ def run(cfg: DictConfig) -> dict:
         torch.set_num_threads(int(cfg.threads))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    settings = resume_settings(cfg)
+    if ckpt_path and Path(ckpt_path).is_file():  # before config.yaml is rewritten: a refused resume changes nothing
+        check_resume(read_checkpoint(ckpt_path, mmap=True), settings, bool(cfg.get("allow_resume_changes", False)))
     if rank_zero_only.rank == 0:  # DDP: every process runs this; one set of outputs
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -42,9 +60,15 @@ def run(cfg: DictConfig) -> dict:
     prepare_pretrained(cfg.get("pretrain"))  # the tiny models' tokenizer, CLIP and GPT-2, cached by manifest
     module = instantiate(cfg.model)  # before any feature extraction: absent weights fail at once
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks += [RunSettings(settings), PreemptionCheckpoint(str(output_dir / "checkpoints"))]
     loggers = build_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        print(f"preempted: SIGTERM at step {trainer.global_step}; {output_dir / 'checkpoints' / 'last.ckpt'} holds this step, "
+              f"resume with ckpt_path=auto", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)  # what a shell reports for a process SIGTERM ended: the job did not finish
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.score and trainer.is_global_zero and not trainer.fast_dev_run:
