@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -17,22 +19,91 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from captioner.models.decoder import write_tokenizer
 from captioner.module import CaptionModule
+from captioner.scratch import private_dir
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 class UnsafeCheckpointError(ValueError):
-    """The checkpoint's pickle names globals (functions, classes) that would run on load."""
+    """The checkpoint's pickle names globals (functions, classes) that would run on load, or the checkpoint
+    names a file that would (a TorchScript encoder)."""
 
 
-def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def refuse_named_code(hparams: Mapping, overrides: Mapping, source) -> None:
+    """A checkpoint or export may name an encoder file; one that is TorchScript would be loaded with
+    `torch.jit.load`, which runs the code it holds. Only a file the user names (`encoder=` override)
+    is loaded that way; published CLIP names are fetched and checked by `clip` itself."""
+    from captioner.models.encoder import _is_torchscript
+
+    spec = hparams.get("encoder")
+    if "encoder" in overrides or not isinstance(spec, (str, os.PathLike)):
+        return
+    path = Path(spec).expanduser()
+    if path.is_file() and _is_torchscript(path):
+        raise UnsafeCheckpointError(
+            f"{source} names the encoder {path}, a TorchScript file, which runs code when loaded: refusing to load it "
+            f"on the checkpoint's word. If you trust that file, name it yourself: load_module(..., encoder='{path}')"
+        )
+
+
+class _Vocabulary:
+    """What load_gpt2 reads of a tokenizer, for a build on the meta device: a size and an end-of-text id."""
+
+    def __init__(self, size: int):
+        self.size, self.eos_token_id = size, size - 1
+
+    def __len__(self) -> int:
+        return self.size
+
+
+LAYERS = {  # spec key -> (config field, the weights' layer index pattern)
+    "decoder": (("n_layer",), r"decoder\.transformer\.h\.(\d+)\."),
+    "encoder": (("vision_layers", "transformer_layers"), r"encoder\.(visual|text)\.transformer\.resblocks\.(\d+)\."),
+}
+
+
+def check_sizes(hparams: Mapping, shapes: Mapping[str, Sequence[int]], source, rebuilt: Sequence[str] = ()) -> None:
+    """Before a model is built from a checkpoint's or an export's config: every tensor the config-built parts
+    (an encoder or decoder given as a mapping of sizes) would have, built on the meta device (no memory),
+    must match the weights' shape; a config that asks for other sizes (`n_layer: 2000`) is refused before
+    anything is allocated. `rebuilt`: keys the weights leave out on purpose (tied weights)."""
+    from captioner.models.decoder import load_gpt2
+    from captioner.models.encoder import ClipEncoder
+
+    problems = []
+    for part, (fields, pattern) in LAYERS.items():  # a layer count far beyond the weights' is refused before even a meta build
+        spec = hparams.get(part)
+        if isinstance(spec, Mapping):
+            present = {m.group(m.lastindex) for k in shapes for m in [re.match(pattern, k)] if m}
+            for field in fields:
+                if isinstance(spec.get(field), int) and spec[field] > len(present) + 1:
+                    problems.append(f"{part}.{field}={spec[field]} but the weights hold {len(present)} layers")
+    built: dict[str, tuple] = {}
+    if not problems:
+        with torch.device("meta"):
+            if isinstance(hparams.get("encoder"), Mapping):
+                encoder = ClipEncoder(dict(hparams["encoder"]))
+                built.update({f"encoder.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()})
+            if isinstance(hparams.get("decoder"), Mapping):
+                wte = shapes.get("decoder.transformer.wte.weight")
+                decoder = load_gpt2(dict(hparams["decoder"]), _Vocabulary(int(wte[0]) if wte else 50257), seed=0)
+                built.update({f"decoder.{k}": tuple(v.shape) for k, v in decoder.state_dict().items()})
+        problems += [f"{k}: {tuple(shapes[k])} in the weights, {v} in the config" for k, v in built.items()
+                     if k in shapes and tuple(shapes[k]) != v]
+        problems += [f"{k}: in the config, not in the weights" for k in built if k not in shapes and k not in rebuilt]
+    if problems:
+        raise ValueError(f"{source}: its config does not match its weights, refusing to build it: {'; '.join(problems[:5])}")
+
+
+def read_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
     """`torch.load(path, weights_only=True)`; a pickle that would import or call anything is refused
-    before any of it runs, with an error naming what it wanted to import."""
+    before any of it runs, with an error naming what it wanted to import. `mmap=True` maps the tensors
+    instead of reading them (a look at a large checkpoint's metadata)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         try:
             wanted = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
@@ -107,7 +178,6 @@ def _architectures(hparams: dict, checkpoint: dict, overrides: dict) -> dict:
     tiny CLIP or GPT-2 in a deleted data/): the weights come from the checkpoint's state dict anyway."""
     import hashlib
     import math
-    import tempfile
 
     import torch
 
@@ -118,9 +188,8 @@ def _architectures(hparams: dict, checkpoint: dict, overrides: dict) -> dict:
                  for k, v in checkpoint["state_dict"].items() if k.startswith(("encoder.visual.", "encoder.text."))}
         state["logit_scale"] = torch.tensor(math.log(1 / 0.07))  # CLIP's initial temperature; captioning never reads it
         digest = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in state.values())).hexdigest()[:16]
-        file = Path(tempfile.gettempdir()) / "captioner-encoders" / f"{digest}.pt"
+        file = private_dir("encoders") / f"{digest}.pt"  # this user's: no one else can plant a file under this name
         if not file.is_file():
-            file.parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, file.with_suffix(f".{os.getpid()}"))
             os.replace(file.with_suffix(f".{os.getpid()}"), file)
         specs["encoder"] = str(file)
@@ -149,12 +218,15 @@ def load_module(path: str | os.PathLike, map_location="cpu", **overrides):
     if checkpoint.get("tokenizer_files") and "tokenizer" not in overrides:  # carried by CaptionModule.on_save_checkpoint
         hparams["tokenizer"] = str(write_tokenizer(checkpoint["tokenizer_files"]))
     hparams.update(_architectures(hparams, checkpoint, overrides))
+    refuse_named_code(hparams, overrides, path)
+    check_sizes({**hparams, **overrides}, {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}, path)
     module = _module_from_hparams(hparams, overrides)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
 
 
 def _load_export(path: Path, map_location, overrides: dict):
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
@@ -165,6 +237,10 @@ def _load_export(path: Path, map_location, overrides: dict):
     hparams = dict(config["hyper_parameters"])
     if (path / "tokenizer").is_dir():
         hparams["tokenizer"] = str(path / "tokenizer")
+    refuse_named_code(hparams, overrides, path)
+    with safe_open(str(path / WEIGHTS), "pt") as header:  # shapes from the header: no tensor is read
+        shapes = {k: tuple(header.get_slice(k).get_shape()) for k in header.keys()}
+    check_sizes({**hparams, **overrides}, shapes, path, rebuilt=config.get("rebuilt_from_config", []))
     module = _module_from_hparams(hparams, overrides)
     state = load_file(str(path / WEIGHTS), device=str(map_location))
     missing, unexpected = module.load_state_dict(state, strict=False)

@@ -19,6 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, PreTrainedT
 
 from captioner.models.hub import missing, reachable
 from captioner.models.zoo import GPT2_ARCHS, resolve
+from captioner.scratch import private_dir
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -65,11 +66,12 @@ def tokenizer_files(spec: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, 
 
 
 def write_tokenizer(files: dict[str, str]) -> Path:
-    """A directory holding carried tokenizer files (one per content, under the temp directory), so a
+    """A directory holding carried tokenizer files (one per content, under this user's temp directory, reused
+    only when its files hold exactly this content), so a
     checkpoint captions wherever it is copied, whether or not its training run's data/ still exists."""
     digest = hashlib.sha256("\0".join(files[name] for name in TOKENIZER_FILES).encode()).hexdigest()[:16]
-    directory = Path(tempfile.gettempdir()) / "captioner-tokenizers" / digest
-    if not all((directory / name).is_file() for name in TOKENIZER_FILES):
+    directory = private_dir("tokenizers") / digest  # this user's: no one else can plant files there
+    if not all((directory / name).is_file() and (directory / name).read_text(encoding="utf-8") == files[name] for name in TOKENIZER_FILES):
         directory.mkdir(parents=True, exist_ok=True)
         for name in TOKENIZER_FILES:
             temp = directory / f".{name}.{os.getpid()}"
