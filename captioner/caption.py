@@ -43,13 +43,17 @@ def expand(inputs: list[str]) -> tuple[list[Path], list[str]]:
 
 
 class Writer:
-    """Rows of (file, caption) to stdout (tab-separated), JSONL or CSV, flushed per batch."""
+    """Rows of (file, caption) to stdout (tab-separated), JSONL or CSV, flushed per batch. A file is written
+    under a temporary name beside it and renamed over `out` by `close()`: a run that fails or is killed
+    leaves an earlier output file as it was."""
 
     def __init__(self, out: Path | None, fmt: str | None):
         self.fmt = fmt or (out.suffix.lstrip(".").lower() if out else "text")
         if self.fmt not in ("text", "jsonl", "csv"):
             raise SystemExit(f"error: cannot tell the output format of {out}: name it .jsonl or .csv, or pass --format")
-        self.stream = open(out, "w", newline="", encoding="utf-8") if out else None
+        self.out = out
+        self.temp = out.with_name(f".{out.name}.{os.getpid()}.tmp") if out else None
+        self.stream = open(self.temp, "w", newline="", encoding="utf-8") if out else None
         self.csv = csv.writer(self.stream) if self.fmt == "csv" else None
         if self.csv:
             self.csv.writerow(["file", "caption"])
@@ -66,8 +70,16 @@ class Writer:
             self.stream.flush()
 
     def close(self) -> None:
+        """The whole output in place of `out`."""
         if self.stream:
             self.stream.close()
+            os.replace(self.temp, self.out)
+
+    def abandon(self) -> None:
+        """A failed run: the partial output is dropped, `out` keeps what it held."""
+        if self.stream:
+            self.stream.close()
+            self.temp.unlink(missing_ok=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,10 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print("error: no image files to caption", file=sys.stderr)
         return 2
-    import torch  # imported here so that --help and argument errors answer at once
-
-    from captioner.api import Captioner
-    from captioner.data.images import to_pil
+    from captioner.api import Captioner  # imported here so that --help and argument errors answer at once
     from captioner.generate import Decoding
 
     captioner = Captioner.from_pretrained(args.ckpt, device=args.device, int8=args.int8, precision=args.precision, datastore=args.datastore)
@@ -108,10 +117,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     writer = Writer(args.out, args.format)
     skipped: list[tuple[Path, str]] = []
+    try:
+        done = _caption_all(files, captioner, decoding, args.batch_size, writer, skipped)
+    except BaseException:
+        writer.abandon()
+        raise
+    writer.close()
+    where = f" -> {args.out}" if args.out else ""
+    print(f"captioned {done} image(s){where}; skipped {len(skipped)}", file=sys.stderr)
+    return 0 if done else 1
+
+
+def _caption_all(files: list[Path], captioner, decoding, batch_size: int, writer: Writer, skipped: list) -> int:
+    """Caption `files` in batches into `writer`; unreadable files go to `skipped`. Returns how many were captioned."""
+    import torch
+
+    from captioner.data.images import to_pil
+
     done = 0
     with tqdm(total=len(files), unit="img", desc="caption", file=sys.stderr) as bar:
-        for start in range(0, len(files), args.batch_size):
-            names, pixels, batch = [], [], files[start : start + args.batch_size]
+        for start in range(0, len(files), batch_size):
+            names, pixels, batch = [], [], files[start : start + batch_size]
             for path in batch:
                 try:
                     pixels.append(captioner.preprocess(to_pil(path)))
@@ -124,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 writer.write([(name, c.text) for name, c in zip(names, captions)])
                 done += len(names)
             bar.update(len(batch))
-    writer.close()
-    where = f" -> {args.out}" if args.out else ""
-    print(f"captioned {done} image(s){where}; skipped {len(skipped)}", file=sys.stderr)
-    return 0 if done else 1
+    return done
 
 
 if __name__ == "__main__":

@@ -5,12 +5,15 @@ DIR (default: `export/` beside the checkpoints folder) receives
                        pretrained frozen parts are named in the config instead, tied weights stored once
     config.json        the CaptionModule's hyperparameters: `captioner.checkpoint.load_module(DIR)` rebuilds it
     tokenizer/         vocab.json + merges.txt, so the directory needs nothing from the training run
-Neither file can run code on load, unlike a pickle.
+Neither file can run code on load, unlike a pickle. The directory is written under a temporary name
+beside DIR and renamed into place once whole: a crash leaves the previous export as it was, never new
+weights with an old config.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -59,14 +62,31 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     step = read_checkpoint(ckpt).get("global_step")  # refuses a code-running pickle before anything else
     module = load_module(ckpt)
     tensors, rebuilt = _exported_weights(module)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "source": ckpt.name})
-    _copy_tokenizer(module.hparams.tokenizer, out / "tokenizer")
-    hparams = {**dict(module.hparams), "tokenizer": "tokenizer"}  # load_module points it at out/tokenizer
-    config = {"format": "captioner-export", "version": 1, "source": str(ckpt), "global_step": step,
-              "hyper_parameters": hparams, "rebuilt_from_config": rebuilt}
-    (out / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # same file system as out: the renames are atomic
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        temp.mkdir()
+        save_file(tensors, str(temp / WEIGHTS), metadata={"format": "pt", "source": ckpt.name})
+        _copy_tokenizer(module.hparams.tokenizer, temp / "tokenizer")
+        hparams = {**dict(module.hparams), "tokenizer": "tokenizer"}  # load_module points it at out/tokenizer
+        config = {"format": "captioner-export", "version": 1, "source": str(ckpt), "global_step": step,
+                  "hyper_parameters": hparams, "rebuilt_from_config": rebuilt}
+        (temp / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+        _swap_in(temp, out)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     return out
+
+
+def _swap_in(temp: Path, out: Path) -> None:
+    """Put the whole directory `temp` at `out`; a previous `out` is moved aside first and deleted after, so
+    `out` is at every moment the old export, absent for an instant, or the new one, never a mix."""
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(temp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 USAGE = "usage: python -m captioner.export ckpt=outputs/.../checkpoints/last.ckpt [out=DIR]"
