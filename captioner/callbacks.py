@@ -129,7 +129,9 @@ FIX = "lower model.lr, or set callbacks.finite.on_non_finite=skip to skip such s
 
 
 def _finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None and t.is_floating_point())
+    """Every value of every floating tensor is finite; one device sync for all of them."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None and t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 class FiniteTraining(L.Callback):
