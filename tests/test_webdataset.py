@@ -190,7 +190,7 @@ def test_unusable_samples_stop_with_their_names_or_are_skipped_and_counted(coco_
     pattern = pattern.replace("00001}", "00002}")
     with pytest.raises(BadImagesError) as stopped:
         extract(tmp_path / "store", pattern)
-    assert "00002.tar#broken: image cannot be decoded" in str(stopped.value) and "#silent: no caption" in str(stopped.value)
+    assert "00002.tar#broken: image broken.jpg cannot be decoded" in str(stopped.value) and "#silent: no caption" in str(stopped.value)
     assert sorted(p.name for p in (tmp_path / "store" / "parts").iterdir()) == ["000000", "000001", "000002.bad.json", "settings.json"]
     records, store = extract(tmp_path / "store", pattern, bad_images="skip")
     assert len(store) == 17 and store.manifest["shard_counts"] == [8, 8, 1]
