@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 
 from captioner.checkpoint import AtomicCheckpointIO, read_checkpoint, resolve_ckpt_path
 from captioner.train import run
-from conftest import ROOT, compose_train
+from conftest import ROOT, compose_train, pretrained
 
 # validation (and so best + last checkpoints) every 10 of the 20 steps per epoch, over 2 epochs
 SCHEDULE = ["experiment=smoke", "trainer.max_epochs=2", "+trainer.val_check_interval=10", "model.val_cider_images=4", "score=false"]
@@ -58,7 +58,7 @@ def one_thread():
 
 
 def test_sigkilled_run_resumes_at_its_checkpoint_and_ends_like_an_uninterrupted_one(tmp_path, data_dir, one_thread):
-    reference = compose_train(tmp_path / "reference", data_dir, [*SCHEDULE, "+callbacks.probe._target_=test_resume.Probe"])
+    reference = pretrained(compose_train(tmp_path / "reference", data_dir, [*SCHEDULE, "+callbacks.probe._target_=test_resume.Probe"]))
     # extract the feature store first, so the timing of the kill below is spent on training
     datamodule = instantiate(reference.data)
     datamodule.prepare_data()
