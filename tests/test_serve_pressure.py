@@ -3,7 +3,7 @@ abandoned after a second. Every answer is a caption, a 4xx or a 503; the server'
 less than RSS_BUDGET; a normal request afterwards is answered within 10 s.
 
 The budget follows from the limits, not from the host: decode_budget_mb=512 here (two 245 MB bomb
-decodes at once, whatever the thread pool), 32 connections of 6 KB bodies, and RSS_SLACK for the
+decodes at once, whatever the thread pool), 32 requests' 6 KB bodies, and RSS_SLACK for the
 allocator, the uvicorn tasks and the captions' activations.
 """
 
@@ -48,10 +48,10 @@ def test_the_server_stays_bounded_under_bombs_and_abandoned_requests(embedded_ck
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # imports and the model load: seconds alone, minutes on a busy machine
         while True:
             assert server.poll() is None, server.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "the server was not ready within 2 minutes"
+            assert time.monotonic() < deadline, "the server was not ready within 10 minutes"
             try:
                 if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                     break

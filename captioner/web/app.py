@@ -27,7 +27,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from captioner.api import Captioner
 from captioner.generate import Decoding
 from captioner.web.batcher import Busy, MicroBatcher
-from captioner.web.limits import ApiKey, BodyLimit, DecodeBudget, Limits
+from captioner.web.limits import ApiKey, BodyLimit, DecodeBudget, Limits, RequestLimit
 from captioner.web.upload import UploadError, decode_image, decoded_bytes
 
 STATIC = Path(__file__).parent / "static"
@@ -70,7 +70,8 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), max_batch: int =
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, limit=int(limits.max_body_mb * 2**20))
+    app.add_middleware(RequestLimit, limit=limits.max_requests)
+    app.add_middleware(BodyLimit, limit=int(limits.max_body_mb * 2**20))  # outermost: it caps what RequestLimit drains
     if api_key:
         app.add_middleware(ApiKey, key=api_key)
 

@@ -1,7 +1,7 @@
 """The server's bounds: per-request limits, the body cap, the decoded-pixel budget and the API key.
 
 Every bound is a number from the config, never a function of the host's core count, so the memory a
-server can hold is the same on 2 cores and on 64: at most `max_connections` bodies of `max_body_mb`,
+server can hold is the same on 2 cores and on 64: at most `max_requests` bodies of `max_body_mb`,
 `decode_budget_mb` of decoded pixels, and `max_queued_images` small (3, R, R) tensors in the queue.
 """
 
@@ -27,7 +27,8 @@ class Limits:
     decode_threads: int = 4  # images decoded at once (a fixed pool, not one sized by the core count)
     max_queued_images: int = 64  # images waiting for the model; a request beyond it gets 503 + Retry-After
     request_timeout_s: float = 60.0  # from arrival to answer; past it a request gets 503 + Retry-After
-    max_connections: int = 32  # uvicorn's limit_concurrency: connections beyond it get 503 at once
+    max_requests: int = 32  # requests in the app at once; the next get 503 + Retry-After (their bodies read and dropped)
+    max_connections: int = 1024  # uvicorn's limit_concurrency, the backstop: open connections beyond it are refused
 
 
 class BodyTooLarge(HTTPException):
@@ -60,6 +61,33 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class RequestLimit:
+    """ASGI middleware: at most `limit` requests in the app at once (the page and probes aside); the next
+    get 503 + Retry-After at once. Their body is read and dropped first (BodyLimit caps it): a server
+    that answers and closes with unread bytes resets the connection, and the client sees no answer."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit, self.active = app, limit, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        if self.active >= self.limit:
+            try:
+                while (await receive()).get("more_body", False):
+                    pass
+            except HTTPException:  # over the body limit: answered as busy all the same
+                pass
+            detail = f"the server is busy ({self.active} requests in progress); retry later"
+            response = JSONResponse({"detail": detail}, 503, headers={"Retry-After": "1"})
+            return await response(scope, receive, send)
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 OPEN_PATHS = ("/", "/healthz", "/readyz")  # the page and the probes answer without the key; captions and docs need it
