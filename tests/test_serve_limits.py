@@ -274,7 +274,7 @@ def test_an_api_key_guards_captions_but_not_the_page_or_probes(captioner):
 
 
 def serve_cli(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "captioner.serve", *overrides], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "captioner.serve", *overrides], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **(env or {})})
 
 
