@@ -18,6 +18,7 @@ from PIL import Image
 from captioner.api import Captioner
 from captioner.web.app import Limits, create_app
 from captioner.web.batcher import MicroBatcher
+from captioner.web.identity import describe_model
 from conftest import scenes
 
 
@@ -33,9 +34,9 @@ def captioner(distinct_ckpt) -> Captioner:
 
 
 @pytest.fixture(scope="module")
-def server(captioner):
+def server(captioner, distinct_ckpt):
     """The app under uvicorn in a thread, on a free port; yields its base URL."""
-    app = create_app(captioner, Limits())
+    app = create_app(captioner, Limits(), model=describe_model(distinct_ckpt))
     config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -254,10 +255,18 @@ def test_the_batcher_groups_queued_requests_and_keeps_their_order():
     assert calls == [("greedy", [0]), ("greedy", [1, 2, 4]), ("beam", [3])]  # one forward per decoding
 
 
-def test_int8_and_bf16_options_are_wired(distinct_ckpt):
-    quantized = Captioner.from_pretrained(distinct_ckpt, int8=True)
-    assert isinstance(quantized.caption(scene()), str) and quantized.precision == "int8"
-    assert Captioner.from_pretrained(distinct_ckpt, precision="bf16").precision == "bf16"
+def test_int8_and_bf16_change_the_numbers_but_keep_the_captions(distinct_ckpt, captioner):
+    """int8 and bf16 must really run in their precision (the mapper's attention differs from fp32's) and
+    still caption: an ignored option leaves the maps bit-identical, a broken one changes the captions."""
+    names = ["large red circle", "row of three", "large blue square left", "small yellow triangle top", "green above red"]
+    images = scenes(*names)
+    reference = captioner.describe(images)
+    for options in (dict(int8=True), dict(precision="bf16")):
+        other = Captioner.from_pretrained(distinct_ckpt, **options).describe(images)
+        change = max((a.attention - b.attention).abs().max().item() for a, b in zip(reference, other))
+        assert 1e-6 < change < 0.05, (options, change)  # computed in another precision (fp32 repeats to 0.0), yet close
+        agree = sum(a.text == b.text for a, b in zip(reference, other))
+        assert agree >= 4, (options, [a.text for a in reference], [b.text for b in other])
     with pytest.raises(ValueError, match="choose one"):
         Captioner.from_pretrained(distinct_ckpt, int8=True, precision="bf16")
     with pytest.raises(ValueError, match="precision 'fp8'"):
