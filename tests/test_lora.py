@@ -13,8 +13,8 @@ TINY_CLIP = {"embed_dim": 32, "image_resolution": 32, "vision_layers": 1, "visio
 
 
 def model_for(saved, family: str, mode: str, **kwargs) -> CaptionModel:
-    decoder_dir, tokenizer_dir = saved[family]
-    return CaptionModel(TINY_CLIP, str(decoder_dir), str(tokenizer_dir), {"name": "mlp"}, prefix_length=4,
+    arch = {k: v for k, v in FAMILIES[family][0].items() if k != "initializer_range"}  # the family's default init
+    return CaptionModel(TINY_CLIP, arch, str(saved[family][1]), {"name": "mlp"}, prefix_length=4,
                         decoder_mode=mode, **kwargs)
 
 
