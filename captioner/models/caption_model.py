@@ -80,8 +80,8 @@ class CaptionModel(nn.Module):
             part.eval()
         return self
 
-    def trainable_parameters(self) -> dict[str, int]:
-        """Trainable and total parameter counts, per part and overall."""
+    def trainable_parameters(self) -> dict[str, tuple[int, int]]:
+        """(trainable, total) parameter counts of encoder, mapper, decoder and "all"."""
         counts = {}
         for name in ("encoder", "mapper", "decoder"):
             params = list(getattr(self, name).parameters())
