@@ -1,6 +1,7 @@
 """Decoding speed on CPU: ours (KV cache, batched; fp32, prepacked fp32, int8) vs a ClipCap-style loop and HF generate.
 
     python bench/decode.py                       # full-size ViT-B/32 + GPT-2 124M, random weights, 2 threads
+    python bench/decode.py --decoder smollm2-135m  # the same with a Llama decoder of SmolLM2-135M's shape
     python bench/decode.py --ckpt /work/trained/embedded.ckpt   # also: int8 and bf16 vs fp32 captions of a trained model
 
 Every method runs in this process on the same random model and image, writes exactly
@@ -40,6 +41,15 @@ VIT_B32 = dict(  # clip.model.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12)
     context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12,
 )
 
+# full-size decoders with random weights (captioner/models/decoder.py mappings); the vocabulary is
+# GPT-2's tokenizer's (50257 tokens; SmolLM2's own has 49152)
+DECODERS = {
+    "gpt2-124m": {},  # GPT2Config() defaults: GPT-2 124M
+    "smollm2-135m": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+                     "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+}
+
 
 @torch.inference_mode()
 def clipcap_beam(module, pixels: torch.Tensor, eos: int, tokens: int, beam_size: int = 5) -> list[int]:
@@ -66,7 +76,7 @@ def clipcap_beam(module, pixels: torch.Tensor, eos: int, tokens: int, beam_size:
             seqs = torch.cat((seqs[source], next_tokens), dim=1)
             generated = generated[source]
             scores = average * seq_lengths
-        embed = gpt.transformer.wte(next_tokens.squeeze(1)).view(generated.shape[0], 1, -1)  # (K, 1, D)
+        embed = gpt.get_input_embeddings()(next_tokens.squeeze(1)).view(generated.shape[0], 1, -1)  # (K, 1, D)
         generated = torch.cat((generated, embed), dim=1)
     best = (scores / seq_lengths).argmax()
     return seqs[best].tolist()
@@ -83,7 +93,7 @@ def clipcap_greedy(module, pixels: torch.Tensor, eos: int, tokens: int) -> list[
         logits[:, eos] = -float("inf")
         next_token = logits.argmax(-1)  # (1,)
         out.append(int(next_token))
-        generated = torch.cat((generated, gpt.transformer.wte(next_token)[:, None]), dim=1)  # (1, T+1, D)
+        generated = torch.cat((generated, gpt.get_input_embeddings()(next_token)[:, None]), dim=1)  # (1, T+1, D)
     return out
 
 
@@ -216,6 +226,7 @@ def main() -> None:
     parser.add_argument("--loop-images", type=int, default=4, help="images timed through the per-image loop")
     parser.add_argument("--prefix-length", type=int, default=40, help="the paper's prefix (experiment=coco_attn)")
     parser.add_argument("--mapper-layers", type=int, default=8)
+    parser.add_argument("--decoder", choices=sorted(DECODERS), default="gpt2-124m", help="the full-size decoder architecture")
     parser.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "data" / "gpt2_tokenizer"), help="GPT-2's vocab.json + merges.txt")
     parser.add_argument("--ckpt", help="a trained checkpoint: report int8 and bf16 vs fp32 caption agreement on its test split")
     parser.add_argument("--skip-speed", action="store_true", help="only the --ckpt agreement")
@@ -232,16 +243,16 @@ def main() -> None:
             sys.exit(f"GPT-2's tokenizer files are not in {args.tokenizer}: pass --tokenizer DIR (vocab.json + merges.txt)")
         torch.manual_seed(0)
         module = CaptionModule(
-            encoder=VIT_B32, decoder={}, tokenizer=args.tokenizer, prefix_length=args.prefix_length,
+            encoder=VIT_B32, decoder=DECODERS[args.decoder], tokenizer=args.tokenizer, prefix_length=args.prefix_length,
             mapper={"name": "attention", "num_layers": args.mapper_layers},
-        ).eval()  # GPT2Config() defaults: GPT-2 124M
+        ).eval()
         int8 = quantize_module(module) if args.device == "cpu" else None
         packed = prepack_module(module) if args.device == "cpu" and prepack_available() else None
         module = module.to(args.device)
         eos = module.tokenizer.eos_token_id
         images = torch.randn(args.images, 3, 224, 224, device=args.device)  # (B, 3, H, W) normalised pixels
         peak = roofline.probe(args.device)
-        console.print(f"ViT-B/32 + GPT-2 124M (random), attention mapper {args.mapper_layers} layers, prefix {args.prefix_length}, "
+        console.print(f"ViT-B/32 + {args.decoder} (random), attention mapper {args.mapper_layers} layers, prefix {args.prefix_length}, "
                       f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
         console.print(peak.line())
         if args.only != "throughput":

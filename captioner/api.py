@@ -20,7 +20,7 @@ from PIL import Image
 
 from captioner import checkpoint, prepack, quantize
 from captioner.data.images import ImageLike, to_pil
-from captioner.generate import Decoding, decoding_from, generate
+from captioner.generate import Decoding, decoding_from
 from captioner.models.encoder import DTYPES, dtype_of
 from captioner.models.mapper import AttentionMapper, attention_grid
 
@@ -56,18 +56,21 @@ def native_bf16() -> bool:
 
 
 class Captioner:
-    """A trained CaptionModule in eval mode, with image loading, preprocessing and decoding."""
+    """A trained model in eval mode, with image loading, preprocessing and decoding.
+
+    `module` is the LightningModule a checkpoint holds (its hyperparameters; a retrieval model's
+    datastore); `model`, its `CaptionModel`, computes every caption."""
 
     def __init__(self, module, device: str | torch.device = "cpu"):
         self.module = module.to(device).eval()
+        self.model = module.model
         self.device = torch.device(device)
-        self.preprocess = module.encoder.preprocess  # CLIP's resize, centre crop and normalisation
-        self.resolution = module.encoder.resolution
-        self.has_attention = isinstance(module.mapper, AttentionMapper)
-        # GPT-2 has n_positions position embeddings, and the prefix takes some of them
-        self.max_new_tokens = module.decoder.config.n_positions - module.hparams.prefix_length
-        quantized = any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in module.decoder.modules())
-        self.precision = "int8" if quantized else {v: k for k, v in DTYPES.items()}[module.decoder.dtype]  # GPT-2's
+        self.preprocess = self.model.encoder.preprocess  # CLIP's resize, centre crop and normalisation
+        self.resolution = self.model.encoder.resolution
+        self.has_attention = isinstance(self.model.mapper, AttentionMapper)
+        self.max_new_tokens = self.model.max_new_tokens  # the decoder's positions, less the prefix's
+        quantized = any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in self.model.decoder.modules())
+        self.precision = "int8" if quantized else {v: k for k, v in DTYPES.items()}[self.model.decoder.dtype]  # the decoder's
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", int8: bool = False, precision: str = "fp32",
@@ -83,6 +86,7 @@ class Captioner:
         (captioner/prepack.py: same captions, faster decoding); `prepacked=False` keeps them as stored."""
         dtype_of(precision)  # a wrong name fails before the checkpoint loads
         module = load_module(path)
+        module.model.merge_adapters()  # LoRA: one plain decoder to quantize, prepack or cast (same logits)
         if datastore is not None:
             from captioner.retrieval import Datastore
 
@@ -115,21 +119,21 @@ class Captioner:
         decoding = decoding or Decoding()
         if decoding.max_new_tokens > self.max_new_tokens:
             raise ValueError(
-                f"max_new_tokens={decoding.max_new_tokens} is more than this model's GPT-2 can place after its prefix: "
+                f"max_new_tokens={decoding.max_new_tokens} is more than this model's decoder can place after its prefix: "
                 f"use at most {self.max_new_tokens}"
             )
-        module = self.module
-        if hasattr(module, "describe_features"):  # retrieval: prefix + prompt of the nearest datastore captions
-            texts, retrieved = module.describe_features({"pixels": pixels.to(self.device)}, decoding)
+        if hasattr(self.module, "describe_features"):  # retrieval: prefix + prompt of the nearest datastore captions
+            texts, retrieved = self.module.describe_features({"pixels": pixels.to(self.device)}, decoding)
             return [Caption(t, None, tuple(r)) for t, r in zip(texts, retrieved)]
-        features = module.features({"pixels": pixels.to(self.device)})
+        model = self.model
+        features = model.features({"pixels": pixels.to(self.device)})
         maps = None
         if attention and self.has_attention:
-            prefix, weights = module.mapper(features, return_attention=True)  # weights (B, P, N)
+            prefix, weights = model.mapper(features, return_attention=True)  # weights (B, P, N)
             maps = attention_grid(weights.float()).cpu()  # (B, P, g, g)
         else:
-            prefix = module.mapper(features)  # (B, P, D)
-        texts = generate(module.decoder, module.tokenizer, prefix.to(module.decoder.dtype), decoding)
+            prefix = model.mapper(features)  # (B, P, D)
+        texts = model.generate(prefix, decoding)
         return [Caption(t, None if maps is None else maps[i]) for i, t in enumerate(texts)]
 
     @torch.inference_mode()

@@ -89,9 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-o", "--out", type=Path, help="write rows here (.jsonl or .csv) instead of printing them")
     parser.add_argument("--format", choices=["text", "jsonl", "csv"], help="output format when --out's suffix does not say")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    parser.add_argument("--strategy", choices=["greedy", "beam"], default="greedy")
-    parser.add_argument("--num-beams", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=30)
+    # unset options take captioner.generate.Decoding's defaults (greedy; beam width 3; 30 tokens)
+    parser.add_argument("--strategy", choices=["greedy", "beam"], help="default: greedy")
+    parser.add_argument("--num-beams", type=int, help="beam width (beam only); default: 3")
+    parser.add_argument("--max-new-tokens", type=int, help="default: 30")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--int8", action="store_true", help="int8 dynamic quantization for CPU inference")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="CLIP's and GPT-2's weights (the mapper stays fp32)")
@@ -108,12 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no image files to caption", file=sys.stderr)
         return 2
     from captioner.api import Captioner  # imported here so that --help and argument errors answer at once
-    from captioner.generate import Decoding
+    from captioner.generate import decoding_from
 
     captioner = Captioner.from_pretrained(args.ckpt, device=args.device, int8=args.int8, precision=args.precision, datastore=args.datastore)
-    decoding = Decoding(strategy=args.strategy, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-    if args.max_new_tokens > captioner.max_new_tokens:
-        print(f"error: --max-new-tokens {args.max_new_tokens}: this model writes at most {captioner.max_new_tokens}", file=sys.stderr)
+    given = {"strategy": args.strategy, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    decoding = decoding_from({k: v for k, v in given.items() if v is not None})
+    if decoding.max_new_tokens > captioner.max_new_tokens:
+        print(f"error: --max-new-tokens {decoding.max_new_tokens}: this model writes at most {captioner.max_new_tokens}", file=sys.stderr)
         return 2
     writer = Writer(args.out, args.format)
     skipped: list[tuple[Path, str]] = []

@@ -175,17 +175,18 @@ def _moved(spec) -> bool:
 
 def _architectures(hparams: dict, checkpoint: dict, overrides: dict) -> dict:
     """Encoder and decoder specs that rebuild the architectures when their files moved away (a pretrained
-    tiny CLIP or GPT-2 in a deleted data/): the weights come from the checkpoint's state dict anyway."""
+    tiny CLIP or decoder in a deleted data/): the weights come from the checkpoint's state dict anyway."""
     import hashlib
     import math
 
     import torch
 
     specs = {}
+    weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}  # keys with or without `model.`
     if "encoder" not in overrides and _moved(hparams.get("encoder")):
         # the frozen CLIP in clip.model.CLIP's own key layout, which clip.model.build_model reads
         state = {("visual." + k[15:] if k.startswith("encoder.visual.") else k[13:]): v
-                 for k, v in checkpoint["state_dict"].items() if k.startswith(("encoder.visual.", "encoder.text."))}
+                 for k, v in weights.items() if k.startswith(("encoder.visual.", "encoder.text."))}
         state["logit_scale"] = torch.tensor(math.log(1 / 0.07))  # CLIP's initial temperature; captioning never reads it
         digest = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in state.values())).hexdigest()[:16]
         file = private_dir("encoders") / f"{digest}.pt"  # this user's: no one else can plant a file under this name
@@ -194,13 +195,15 @@ def _architectures(hparams: dict, checkpoint: dict, overrides: dict) -> dict:
             os.replace(file.with_suffix(f".{os.getpid()}"), file)
         specs["encoder"] = str(file)
     if "decoder" not in overrides and _moved(hparams.get("decoder")) and checkpoint.get("decoder_config"):
-        import inspect
-
-        from transformers import GPT2Config
-
-        allowed = set(inspect.signature(GPT2Config.__init__).parameters) - {"self", "kwargs", "bos_token_id", "eos_token_id"}
-        specs["decoder"] = {k: v for k, v in checkpoint["decoder_config"].items() if k in allowed}  # built, then loaded
+        # the saved config of any family, built at random (model_type selects the architecture), then loaded
+        config = dict(checkpoint["decoder_config"])
+        config.setdefault("model_type", "gpt2")
+        specs["decoder"] = {k: v for k, v in config.items() if k not in UNBUILT_CONFIG_KEYS}
     return specs
+
+
+# config.json entries that describe a saved file rather than the architecture
+UNBUILT_CONFIG_KEYS = ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")
 
 
 def load_module(path: str | os.PathLike, map_location="cpu", **overrides):
@@ -245,7 +248,7 @@ def _load_export(path: Path, map_location, overrides: dict):
     state = load_file(str(path / WEIGHTS), device=str(map_location))
     missing, unexpected = module.load_state_dict(state, strict=False)
     # what the export left out must be rebuilt by the config: pretrained (named) or tied weights
-    rebuilt = set(config.get("rebuilt_from_config", []))
+    rebuilt = {k if k.startswith("model.") else "model." + k for k in config.get("rebuilt_from_config", [])}  # older exports: no `model.`
     if unexpected or set(missing) - rebuilt:
         raise ValueError(
             f"{path / WEIGHTS} does not match the model its config builds: "

@@ -4,7 +4,8 @@ DIR (default: `export/` beside the checkpoints folder) receives
     model.safetensors  the trainable weights, and any frozen part built at random (it has no other source);
                        pretrained frozen parts are named in the config instead, tied weights stored once
     config.json        the CaptionModule's hyperparameters: `captioner.checkpoint.load_module(DIR)` rebuilds it
-    tokenizer/         vocab.json + merges.txt, so the directory needs nothing from the training run
+    tokenizer/         the tokenizer's files (save_pretrained's, or GPT-2's vocab.json + merges.txt), so the
+                       directory needs nothing from the training run; LoRA adapters are merged into the decoder
 Neither file can run code on load, unlike a pickle. The directory is written under a temporary name
 beside DIR and renamed into place once whole: a crash leaves the previous export as it was, never new
 weights with an old config.
@@ -21,6 +22,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from captioner.checkpoint import CONFIG, WEIGHTS, load_module, read_checkpoint
+from captioner.models.decoder import tokenizer_files
 
 
 def _exported_weights(module) -> tuple[dict, list[str]]:
@@ -28,9 +30,9 @@ def _exported_weights(module) -> tuple[dict, list[str]]:
     hp = module.hparams
     pretrained_frozen = []
     if isinstance(hp.encoder, str):
-        pretrained_frozen.append("encoder.")
-    if isinstance(hp.decoder, str) and hp.freeze_decoder:
-        pretrained_frozen.append("decoder.")
+        pretrained_frozen.append("model.encoder.")
+    if isinstance(hp.decoder, str) and module.model.decoder_mode == "frozen":
+        pretrained_frozen.append("model.decoder.")
     tensors, rebuilt, seen = {}, [], set()
     for key, tensor in module.state_dict().items():
         if key.startswith(tuple(pretrained_frozen)) or tensor.data_ptr() in seen:  # named, or tied to one saved
@@ -41,19 +43,11 @@ def _exported_weights(module) -> tuple[dict, list[str]]:
     return tensors, rebuilt
 
 
-def _copy_tokenizer(spec: str, dest: Path) -> None:
-    """vocab.json + merges.txt from the training tokenizer's directory, or from the hub cache for a name."""
+def _copy_tokenizer(module, dest: Path) -> None:
+    """The whole tokenizer (its save_pretrained files, or GPT-2's vocab.json + merges.txt) into `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.json", "merges.txt"):
-        source = Path(spec).expanduser() / name
-        if not source.is_file():
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(spec, name)
-            if not isinstance(cached, str):
-                raise FileNotFoundError(f"tokenizer file {name} of {spec!r} not found (model.tokenizer)")
-            source = Path(cached)
-        shutil.copyfile(source, dest / name)
+    for name, content in tokenizer_files(module.hparams.tokenizer, module.tokenizer).items():
+        (dest / name).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
 
 
 def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
@@ -61,6 +55,7 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out else ckpt.parent.parent / "export"
     step = read_checkpoint(ckpt).get("global_step")  # refuses a code-running pickle before anything else
     module = load_module(ckpt)
+    module.model.merge_adapters()  # LoRA: adapters folded into the decoder, which exports as a fine-tuned one
     tensors, rebuilt = _exported_weights(module)
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # same file system as out: the renames are atomic
@@ -68,8 +63,9 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     try:
         temp.mkdir()
         save_file(tensors, str(temp / WEIGHTS), metadata={"format": "pt", "source": ckpt.name})
-        _copy_tokenizer(module.hparams.tokenizer, temp / "tokenizer")
-        hparams = {**dict(module.hparams), "tokenizer": "tokenizer"}  # load_module points it at out/tokenizer
+        _copy_tokenizer(module, temp / "tokenizer")
+        # load_module points the tokenizer at out/tokenizer; a LoRA model is saved merged, as a fine-tuned one
+        hparams = {**dict(module.hparams), "tokenizer": "tokenizer", "decoder_mode": module.model.decoder_mode, "lora": None}
         config = {"format": "captioner-export", "version": 1, "source": str(ckpt), "global_step": step,
                   "hyper_parameters": hparams, "rebuilt_from_config": rebuilt}
         (temp / CONFIG).write_text(json.dumps(config, indent=1) + "\n")

@@ -22,8 +22,11 @@ NEG = -1.0e9  # a score no live hypothesis reaches (transformers' beam search us
 
 @dataclass(frozen=True)
 class Decoding:
+    """How captions are decoded. Its defaults are the project's one default decoding: the API, the CLI,
+    the web app and validation read them; the configs name only what they change (evaluation: beam)."""
+
     strategy: str = "greedy"  # greedy | beam | sample
-    num_beams: int = 5  # beam only
+    num_beams: int = 3  # beam only
     length_penalty: float = 1.0  # beam only: the sum of log-probs is divided by length**penalty; > 1 favours longer captions
     temperature: float = 1.0  # sample only
     top_k: int = 0  # sample only; 0 = off

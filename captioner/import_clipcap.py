@@ -84,13 +84,13 @@ def convert(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
         if STALE.match(key):
             dropped.append(key)
         elif key.startswith("gpt."):
-            out["decoder." + key.removeprefix("gpt.")] = value
+            out["model.decoder." + key.removeprefix("gpt.")] = value
         elif key.startswith("clip_project."):
-            out["mapper." + key.removeprefix("clip_project.")] = value
+            out["model.mapper." + key.removeprefix("clip_project.")] = value
         else:
             raise ClipCapImportError(f"unexpected key {key!r}: ClipCap checkpoints hold only gpt.* and clip_project.*")
-    if "decoder.lm_head.weight" not in out:  # GPT-2 ties its output layer to the token embeddings
-        out["decoder.lm_head.weight"] = out["decoder.transformer.wte.weight"]
+    if "model.decoder.lm_head.weight" not in out:  # GPT-2 ties its output layer to the token embeddings
+        out["model.decoder.lm_head.weight"] = out["model.decoder.transformer.wte.weight"]
     return out, dropped
 
 
@@ -131,7 +131,7 @@ def import_clipcap(
         )
     weights, dropped = convert(state)
     missing, unexpected = module.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.startswith("encoder.")]  # CLIP comes from --clip
+    missing = [k for k in missing if not k.startswith("model.encoder.")]  # CLIP comes from --clip
     if missing or unexpected:
         raise ClipCapImportError(f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     arch = next((name for name, fields in GPT2_ARCHS.items() if all(decoder[k] == v for k, v in fields.items())), None)

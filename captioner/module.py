@@ -1,7 +1,9 @@
-"""The LightningModule: frozen CLIP encoder -> mapper -> GPT-2.
+"""The LightningModule of cross-entropy training around the model core (frozen CLIP -> mapper -> LM).
 
-It takes plain values and builds its own parts, so `CaptionModule.load_from_checkpoint(path)`
-works without Hydra and the saved hyperparameters describe the model.
+It takes plain values and builds its `CaptionModel`, so `CaptionModule.load_from_checkpoint(path)`
+works without Hydra and the saved hyperparameters describe the model. The model's weights sit under
+`model.` in the state dict; checkpoints written before that (`encoder.`, `mapper.`, `decoder.` at the
+top) load too.
 """
 
 from __future__ import annotations
@@ -12,15 +14,13 @@ from collections.abc import Mapping
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
-from captioner.generate import Decoding, decoding_from, generate
+from captioner.generate import Decoding, decoding_from
 from captioner.metrics import report
-from captioner.models.decoder import load_gpt2, load_tokenizer, tokenizer_files
-from captioner.models.encoder import ClipEncoder
-from captioner.models.mapper import build_mapper
+from captioner.models.caption_model import CaptionModel
+from captioner.models.decoder import tokenizer_files
 from captioner.scene import scene_accuracy, scenes_of
 
 
@@ -32,14 +32,18 @@ warnings.filterwarnings("ignore", message=re.escape("`isinstance(treespec, LeafS
 
 
 class CaptionModule(L.LightningModule):
+    """Cross-entropy training of a `CaptionModel` (captioner/models/caption_model.py), held as `self.model`."""
+
     def __init__(
         self,
         encoder: str | Mapping = "ViT-B/32",  # a name/path loads CLIP; a mapping builds it randomly
-        decoder: str | Mapping = "gpt2",  # a name/path loads GPT-2; a mapping of GPT2Config fields builds it
-        tokenizer: str = "gpt2",  # a directory with vocab.json + merges.txt, or a hub name
+        decoder: str | Mapping = "gpt2",  # a hub name or save_pretrained directory; a mapping builds one (models/decoder.py)
+        tokenizer: str = "gpt2",  # a save_pretrained tokenizer directory, GPT-2's vocab.json + merges.txt, or a hub name
         mapper: Mapping | None = None,  # {name: attention|transformer|mlp, ...its arguments}
         prefix_length: int = 10,
-        freeze_decoder: bool = False,  # ClipCap's "frozen GPT-2" variant when true
+        freeze_decoder: bool = False,  # ClipCap's "frozen GPT-2" variant when true (decoder_mode=frozen)
+        decoder_mode: str | None = None,  # finetune | frozen | lora; None: frozen when freeze_decoder else finetune
+        lora: Mapping | None = None,  # decoder_mode=lora: {r, alpha, dropout, target_modules} (models/lora.py)
         normalize_features: bool = True,  # L2-normalise CLIP features before the mapper (CapDec)
         encoder_precision: str = "fp32",
         lr: float = 2e-5,
@@ -49,78 +53,58 @@ class CaptionModule(L.LightningModule):
         val_cider_images: int = 100,  # validation images captioned for val/cider each epoch
         seed: int = 0,
         adamw: str = "foreach",  # foreach: one kernel per op over all tensors | fused: one kernel per step (CPU and CUDA) | loop: per tensor
-        compile: bool = False,  # torch.compile GPT-2 and the mapper before training (a GPU's switch; slow to compile on CPU)
+        compile: bool = False,  # torch.compile the decoder and the mapper before training (a GPU's switch; slow to compile on CPU)
     ):
         super().__init__()
+        mode = decoder_mode or ("frozen" if freeze_decoder else "finetune")
+        if freeze_decoder and mode != "frozen":
+            raise ValueError(f"freeze_decoder=true and decoder_mode={decoder_mode}: set only decoder_mode (model.decoder_mode)")
         self.save_hyperparameters(
             {
                 "encoder": encoder, "decoder": decoder, "tokenizer": tokenizer, "mapper": mapper,
-                "prefix_length": prefix_length, "freeze_decoder": freeze_decoder,
+                "prefix_length": prefix_length, "freeze_decoder": mode == "frozen", "decoder_mode": mode, "lora": lora,
                 "normalize_features": normalize_features, "encoder_precision": encoder_precision,
                 "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
                 "val_decoding": val_decoding, "val_cider_images": val_cider_images, "seed": seed,
                 "adamw": adamw, "compile": compile,
             }
         )
-        self.encoder = ClipEncoder(encoder, precision=encoder_precision)  # random weights: the spec's seed, as in the store
-        self.tokenizer = load_tokenizer(tokenizer)
-        self.decoder = load_gpt2(decoder, self.tokenizer, seed=seed)
-        mapper = dict(mapper or {"name": "attention"})
-        self.mapper = build_mapper(
-            mapper.pop("name"),
-            feature_dim=self.encoder.embed_dim,
-            token_dim=self.encoder.token_dim,
-            num_tokens=self.encoder.num_tokens,
-            embed_dim=self.decoder.config.n_embd,
-            prefix_length=prefix_length,
-            **mapper,
-        )
-        if freeze_decoder:
-            self.decoder.requires_grad_(False)
-        self.decoder.train(not freeze_decoder)  # from_pretrained returns eval mode; Lightning keeps each module's mode
         if adamw not in ADAMW:
             raise ValueError(f"adamw={adamw!r} is not one of {sorted(ADAMW)} (model.adamw)")
+        self.model = CaptionModel(encoder, decoder, tokenizer, mapper, prefix_length, decoder_mode=mode, lora=lora,
+                                  normalize_features=normalize_features, encoder_precision=encoder_precision, seed=seed)
+        self.register_load_state_dict_pre_hook(_under_model)
         self.val_decoding: Decoding = decoding_from(val_decoding)
         self._val_captions: dict[int, str] = {}
 
-    # frozen parts stay in eval mode (no dropout) whatever the Trainer switches
-    def train(self, mode: bool = True) -> "CaptionModule":
-        super().train(mode)
-        self.encoder.eval()
-        if self.hparams.freeze_decoder:
-            self.decoder.eval()
-        return self
+    # the model's parts by their names, for callers that predate `self.model`
+    encoder = property(lambda self: self.model.encoder)
+    mapper = property(lambda self: self.model.mapper)
+    decoder = property(lambda self: self.model.decoder)
+    tokenizer = property(lambda self: self.model.tokenizer)
 
     def eval_while_training(self) -> list[nn.Module]:
-        """The parts kept in eval mode on purpose while training: the frozen encoder (and decoder)."""
-        return [self.encoder, *([self.decoder] if self.hparams.freeze_decoder else [])]
+        """The parts kept in eval mode on purpose while training: the model's frozen parts."""
+        return self.model.frozen_parts()
 
     def on_fit_start(self) -> None:
         # Lightning warns about every module in eval mode when training starts; ours are in eval mode on
         # purpose. Only that exact count is silenced: any other module left in eval mode still warns.
         count = sum(1 for part in self.eval_while_training() for _ in part.modules())
         warnings.filterwarnings("ignore", message=re.escape(f"Found {count} module(s) in eval mode at the start of training."))
+        if self.trainer.is_global_zero:
+            counts = self.model.trainable_parameters()
+            parts = ", ".join(f"{name} {t:,}/{n:,}" for name, (t, n) in counts.items() if name != "all")
+            print(f"trainable parameters ({self.model.decoder_mode} decoder): {counts['all'][0]:,} of {counts['all'][1]:,} ({parts})")
 
     def features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The mapper's input from a batch with `pixels` or precomputed CLIP features."""
-        key = self.mapper.input_key
-        x = batch[key] if key in batch else self.encoder(batch["pixels"])[key]
-        return F.normalize(x, dim=-1) if self.hparams.normalize_features else x
+        return self.model.features(batch)
 
     def prefix(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.mapper(self.features(batch))  # (B, P, D)
+        return self.model.prefix(batch)
 
     def forward(self, batch: Mapping[str, torch.Tensor]):
-        prefix = self.prefix(batch)  # (B, P, D)
-        b, p = prefix.shape[:2]
-        tokens = self.decoder.get_input_embeddings()(batch["input_ids"])  # (B, S, D)
-        embeds = torch.cat([prefix, tokens], dim=1)  # (B, P+S, D)
-        ones = torch.ones((b, p), dtype=batch["attention_mask"].dtype, device=prefix.device)
-        mask = torch.cat([ones, batch["attention_mask"]], dim=1)
-        # the prefix is context, never a target: -100 there, and GPT-2 shifts labels itself
-        ignore = torch.full((b, p), -100, dtype=torch.long, device=prefix.device)
-        labels = torch.cat([ignore, batch["labels"]], dim=1)
-        return self.decoder(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+        return self.model(batch)
 
     def training_step(self, batch, batch_idx):
         loss = self(batch).loss
@@ -156,17 +140,17 @@ class CaptionModule(L.LightningModule):
         return self._val_scenes
 
     def caption_features(self, batch: Mapping[str, torch.Tensor], decoding: Decoding | None = None) -> list[str]:
-        prefix = self.prefix(batch).to(self.decoder.dtype)  # (B, P, D): a bf16 GPT-2 (Captioner precision=bf16) takes bf16
-        return generate(self.decoder, self.tokenizer, prefix, decoding or self.val_decoding)
+        return self.model.caption(batch, decoding or self.val_decoding)
 
     def configure_model(self) -> None:
         if self.hparams.get("compile") and self.decoder._compiled_call_impl is None:  # in place: the state dict keeps its keys
             self.decoder.compile()
             self.mapper.compile()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the tokenizer's files travel with the weights: the checkpoint captions after data/ is gone
         checkpoint["tokenizer_files"] = tokenizer_files(self.hparams.tokenizer, self.tokenizer)
-        # and what rebuilds a decoder that was loaded from a directory (the pretrained tiny GPT-2 in data/)
+        # and what rebuilds a decoder that was loaded from a directory (the pretrained tiny decoder in data/)
         checkpoint["decoder_config"] = self.decoder.config.to_dict()
 
     def configure_optimizers(self):
@@ -176,3 +160,12 @@ class CaptionModule(L.LightningModule):
         total = self.trainer.estimated_stepping_batches
         scheduler = get_linear_schedule_with_warmup(optimizer, min(self.hparams.warmup_steps, total // 2), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+PARTS = ("encoder.", "mapper.", "decoder.")
+
+
+def _under_model(module, state_dict, prefix, *args) -> None:
+    """Move a state dict's top-level `encoder.` / `mapper.` / `decoder.` keys under `model.` (in place)."""
+    for key in [k for k in state_dict if k.startswith(tuple(prefix + p for p in PARTS))]:
+        state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)

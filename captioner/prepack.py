@@ -77,7 +77,7 @@ def prepack_(model: nn.Module) -> nn.Module:
 
 
 def prepack_module(module):
-    """A `CaptionModule` copy whose decoder and mapper run prepacked (the CLIP encoder is shared, as is)."""
+    """A `CaptionModel` (or `CaptionModule`) copy whose decoder and mapper run prepacked (the CLIP encoder is shared, as is)."""
     if not available():
         raise RuntimeError("this torch build has no oneDNN (mkldnn): run without prepacking")
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in module.decoder.parameters()):

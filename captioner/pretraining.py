@@ -118,7 +118,7 @@ def build_clip(
     loggers: Sequence = (),
 ) -> Path:
     """`out/clip.pt`: a CLIP of architecture `arch` trained contrastively on the pairs of `train`."""
-    from captioner.models.contrastive import ContrastiveCLIP
+    from captioner.contrastive import ContrastiveCLIP
 
     out = Path(out)
     records = _records(train, "CLIP pretraining")
@@ -174,7 +174,7 @@ def build_lm(
 ) -> Path:
     """`out/`: a GPT-2 of architecture `arch` pretrained as a language model on the training captions,
     `captions_per_text` captions of one image to a text (data/pairs.py::CaptionTexts)."""
-    from captioner.models.caption_lm import CaptionLM
+    from captioner.caption_lm import CaptionLM
 
     out = Path(out)
     records = _records(train, "GPT-2 pretraining")

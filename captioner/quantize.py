@@ -49,14 +49,17 @@ def replace_conv1d(model: nn.Module) -> nn.Module:
 
 
 def with_parts(module, **parts: nn.Module):
-    """A shallow copy of a `CaptionModule` with some parts (`decoder=`, `mapper=`) replaced; the
-    others (the CLIP encoder) and the tokenizer are shared."""
+    """A shallow copy of a `CaptionModel` (or of a module wrapping one as `.model`) with some parts
+    (`decoder=`, `mapper=`) replaced; the others (the CLIP encoder) and the tokenizer are shared."""
+    inner = module._modules.get("model")
+    if inner is not None:  # a LightningModule around the model core: copy both levels
+        parts = {"model": with_parts(inner, **parts)}
     out = copy.copy(module)
     out._modules = {**module._modules, **parts}  # its own submodule table
     return out.eval()
 
 
-FP16 = ("lm_head",)  # layers kept in fp16 rather than int8 (GPT-2's output projection)
+FP16 = ("lm_head",)  # layers kept in fp16 rather than int8 (the output projection of every transformers causal LM)
 
 
 def quantize(model: nn.Module, fp16: tuple[str, ...] = FP16) -> nn.Module:
@@ -73,5 +76,5 @@ def quantize(model: nn.Module, fp16: tuple[str, ...] = FP16) -> nn.Module:
 
 
 def quantize_module(module):
-    """A `CaptionModule` copy whose decoder and mapper run in int8 (the CLIP encoder stays fp32)."""
+    """A `CaptionModel` (or `CaptionModule`) copy whose decoder and mapper run in int8 (the CLIP encoder stays fp32)."""
     return with_parts(module, decoder=quantize(module.decoder), mapper=quantize(module.mapper))

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from captioner.generate import Decoding, generate
+from captioner.generate import Decoding
+from captioner.models.decoder import caption_ids
 from captioner.module import CaptionModule
 
 HEAD, TAIL = "Similar images show", "This image shows"
@@ -122,41 +123,17 @@ class RetrievalModule(CaptionModule):
         return self.datastore.search(query, self.k, batch["image_id"].tolist() if exclude_own else None)
 
     def prompt_ids(self, retrieved: list[list[str]]) -> list[list[int]]:
-        return [self.tokenizer.encode(" " + prompt(r)) for r in retrieved]  # a leading space: GPT-2's word boundary
+        # a leading space: a byte-level BPE's word boundary, so the caption's first word reads as in training
+        return [caption_ids(self.tokenizer, " " + prompt(r)) for r in retrieved]
 
     def forward(self, batch: Mapping[str, torch.Tensor]):
-        prefix = self.prefix(batch)  # (B, P, D)
-        prompts = self.prompt_ids(self.retrieve(batch, exclude_own=self.training))
-        b, p, device = prefix.shape[0], prefix.shape[1], prefix.device
-        rows = [q + batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist() for i, q in enumerate(prompts)]
-        length = max(len(r) for r in rows)
-        ids = torch.full((b, length), self.tokenizer.eos_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros((b, length), dtype=torch.long, device=device)
-        labels = torch.full((b, p + length), -100, dtype=torch.long, device=device)  # prefix, prompt and padding are context
-        for i, (q, r) in enumerate(zip(prompts, rows)):
-            ids[i, : len(r)] = torch.tensor(r, device=device)
-            mask[i, : len(r)] = 1
-            labels[i, p + len(q) : p + len(r)] = ids[i, len(q) : len(r)]
-        embeds = torch.cat([prefix, self.decoder.get_input_embeddings()(ids)], dim=1)  # (B, P+L, D)
-        attention = torch.cat([torch.ones((b, p), dtype=torch.long, device=device), mask], dim=1)
-        return self.decoder(inputs_embeds=embeds, attention_mask=attention, labels=labels)
+        return self.model(batch, prompts=self.prompt_ids(self.retrieve(batch, exclude_own=self.training)))
 
     @torch.no_grad()
     def describe_features(self, batch: Mapping[str, torch.Tensor], decoding: Decoding | None = None) -> tuple[list[str], list[list[str]]]:
-        """(captions, retrieved captions) for a batch. Prompts differ in length and the decoder takes no
-        padding mask, so images are decoded in groups whose prompts have the same number of tokens."""
+        """(captions, retrieved captions) for a batch."""
         retrieved = self.retrieve(batch)
-        prompts = self.prompt_ids(retrieved)
-        prefix = self.prefix(batch).to(self.decoder.dtype)  # (B, P, D)
-        embed = self.decoder.get_input_embeddings()
-        captions: list[str] = [""] * len(prompts)
-        for length in sorted({len(q) for q in prompts}):
-            rows = [i for i, q in enumerate(prompts) if len(q) == length]
-            ids = torch.tensor([prompts[i] for i in rows], device=prefix.device)
-            context = torch.cat([prefix[rows], embed(ids).to(prefix.dtype)], dim=1)  # (G, P+length, D)
-            for i, text in zip(rows, generate(self.decoder, self.tokenizer, context, decoding or self.val_decoding)):
-                captions[i] = text
-        return captions, retrieved
+        return self.model.caption(batch, decoding or self.val_decoding, prompts=self.prompt_ids(retrieved)), retrieved
 
     def caption_features(self, batch: Mapping[str, torch.Tensor], decoding: Decoding | None = None) -> list[str]:
         return self.describe_features(batch, decoding)[0]

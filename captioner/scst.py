@@ -23,7 +23,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from captioner.checkpoint import read_checkpoint
@@ -62,7 +61,7 @@ class SCSTModule(CaptionModule):
                 "pass the same model/* overrides as the cross-entropy run"
             )
         self.num_samples, self.baseline, self.reward_cache = num_samples, baseline, reward_cache
-        self.sampling = Decoding(strategy="sample", max_new_tokens=max_new_tokens)
+        self.sampling = Decoding(strategy="sample", temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens)  # the model's own distribution
         self.greedy = Decoding(strategy="greedy", max_new_tokens=max_new_tokens)
         self.cider: CiderD | None = None
         self.train(False)  # Lightning never calls train(): it keeps, and restores after validation, each module's mode
@@ -83,21 +82,6 @@ class SCSTModule(CaptionModule):
     def rewards(self, image_ids: list[int], ids: list[list[int]]) -> torch.Tensor:
         captions = [tokenize_fast(self.tokenizer.decode(row, skip_special_tokens=True)) for row in ids]
         return torch.from_numpy(self.cider.score(image_ids, captions)).float()
-
-    def log_probs(self, prefix: torch.Tensor, actions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, L) log p of each action given the prefix (B*K, P, D) and the actions before it, and its mask."""
-        eos, n, p = self.tokenizer.eos_token_id, len(actions), prefix.shape[1]
-        length = max(1, max(len(a) for a in actions))
-        tokens = torch.full((n, length), eos, dtype=torch.long, device=prefix.device)
-        mask = torch.zeros((n, length), dtype=torch.long, device=prefix.device)
-        for i, a in enumerate(actions):
-            tokens[i, : len(a)] = torch.tensor(a, dtype=torch.long)
-            mask[i, : len(a)] = 1
-        embeds = torch.cat([prefix, self.decoder.get_input_embeddings()(tokens)], dim=1)  # (N, P+L, D)
-        attention = torch.cat([torch.ones((n, p), dtype=torch.long, device=prefix.device), mask], dim=1)
-        logits = self.decoder(inputs_embeds=embeds, attention_mask=attention).logits[:, p - 1 : -1]  # (N, L, V): position t predicts action t
-        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None]).squeeze(-1)  # (N, L)
-        return logp * mask, mask
 
     def training_step(self, batch, batch_idx):
         # caption-level batches repeat an image now and then: each image once
@@ -121,7 +105,7 @@ class SCSTModule(CaptionModule):
 
         # a caption that stopped by itself chose end-of-text: that choice is rewarded too
         actions = [s + [eos] if len(s) < self.sampling.max_new_tokens else s for s in samples]
-        logp, mask = self.log_probs(repeated, actions)
+        logp, mask = self.model.token_log_probs(repeated, actions)
         loss = -(advantage[:, None] * logp).sum() / mask.sum().clamp(min=1)
 
         n = len(image_ids)

@@ -42,7 +42,7 @@ def test_exported_model_reloads_and_captions_identically(trained, tmp_path):
     config = json.loads((export / "config.json").read_text())
     assert config["hyper_parameters"]["mapper"]["name"] == "attention" and config["global_step"] == 2
     weights = load_file(export / "model.safetensors")
-    assert "decoder.lm_head.weight" not in weights and "decoder.transformer.wte.weight" in weights  # tied: once
+    assert "model.decoder.lm_head.weight" not in weights and "model.decoder.transformer.wte.weight" in weights  # tied: once
 
     original, exported = load_module(ckpt), load_module(export)
     for name, value in original.state_dict().items():

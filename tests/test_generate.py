@@ -172,3 +172,20 @@ def test_quantize_module_swaps_decoder_and_mapper_only(smoke_cfg):
     with torch.no_grad():
         assert torch.allclose(int8.prefix(features), module.prefix(features), atol=0.1)
     assert len(int8.caption_features(features, Decoding(max_new_tokens=5))) == 2
+
+
+def test_the_default_decoding_has_one_definition(tmp_path, data_dir):
+    """The configs and the CLI take Decoding's defaults; evaluation changes only the strategy."""
+    import dataclasses
+
+    from captioner.caption import parse_args
+    from captioner.generate import decoding_from
+    from conftest import compose_train
+    from test_evaluate import compose_eval
+
+    beam = dataclasses.replace(Decoding(), strategy="beam")
+    assert decoding_from(compose_train(tmp_path / "run", data_dir).test_decoding) == beam
+    assert decoding_from(compose_eval(tmp_path / "eval", []).decoding) == beam
+    assert decoding_from(compose_train(tmp_path / "run", data_dir).model.val_decoding) == Decoding()
+    args = parse_args(["x.png", "--ckpt", "m.ckpt"])
+    assert (args.strategy, args.num_beams, args.max_new_tokens) == (None, None, None)  # left to Decoding

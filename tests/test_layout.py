@@ -119,3 +119,28 @@ def test_scoring_has_one_public_entry():
     assert users == {"captioner.module", "captioner.results", "captioner.reward"}
     for entry in ("captioner.train", "captioner.evaluate"):
         assert "captioner.results" in edges[entry]
+
+
+def test_the_model_core_imports_no_lightning():
+    """captioner/models/ is plain PyTorch + transformers: nothing it imports, directly or through other
+    captioner modules, imports Lightning (the LightningModules wrap the model core, never the reverse)."""
+    trees = modules()
+    edges = graph()
+    core = {name for name in trees if name.startswith("captioner.models")}
+    reached, todo = set(), list(core)
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo += edges.get(name, ())
+
+    def lightning_imports(tree: ast.Module) -> list[str]:
+        found = []
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [n for n in names if n.split(".")[0] in ("lightning", "pytorch_lightning")]
+        return found
+
+    offenders = {name: lightning_imports(trees[name]) for name in sorted(reached) if lightning_imports(trees[name])}
+    assert "captioner.models.caption_model" in reached and offenders == {}

@@ -101,3 +101,21 @@ def test_building_random_clip_and_gpt2_leaves_the_run_random_stream_alone(smoke_
     ClipEncoder(dict(cfg.pretrain.clip.arch))  # random builds of the tiny architectures
     load_gpt2(dict(cfg.pretrain.lm.arch), tokenizer, seed=7)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_checkpoint_with_the_parts_at_the_top_of_its_state_dict_still_loads(embedded_ckpt, tmp_path):
+    """Checkpoints written before the model core held `encoder.` / `mapper.` / `decoder.` at the top of
+    the state dict: Lightning's own loader and ours read them into `model.`."""
+    from captioner.checkpoint import load_module
+    from captioner.module import CaptionModule
+
+    checkpoint = torch.load(embedded_ckpt, weights_only=True)
+    assert all(k.startswith("model.") for k in checkpoint["state_dict"])
+    checkpoint["state_dict"] = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    current = load_module(embedded_ckpt)
+    for loaded in (load_module(old), CaptionModule.load_from_checkpoint(old, weights_only=True)):
+        state = loaded.state_dict()
+        assert state.keys() == current.state_dict().keys()
+        assert all(torch.equal(state[k], v) for k, v in current.state_dict().items())

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from captioner.data.coco import load_records
 from captioner.data.synthetic import SHAPES, write_dataset
-from captioner.models.contrastive import retrieval_top1
+from captioner.contrastive import retrieval_top1
 from captioner.models.encoder import ClipEncoder
 from captioner.pretraining import build_clip, build_lm, build_tokenizer
 from conftest import CONF
@@ -88,7 +88,7 @@ def test_the_clip_cache_is_reused_and_rebuilt_when_its_manifest_differs(world, p
     def refuse(*args, **kwargs):
         raise AssertionError("a current cache must not train again")
 
-    monkeypatch.setattr("captioner.models.contrastive.ContrastiveCLIP.__init__", refuse)
+    monkeypatch.setattr("captioner.contrastive.ContrastiveCLIP.__init__", refuse)
     same = dict(steps=250, batch_size=128, lr=1e-3, warmup_steps=25, val_every=None)
     assert build_clip(out, train, ARCH, val=val, **same) == out / "clip.pt"
     assert (out / "clip.pt").read_bytes() == before
@@ -112,7 +112,7 @@ def test_tokenizer_and_language_model_are_cached_the_same_way(world, tmp_path, m
     model = load_gpt2(str(out), tokenizer)
     assert model.config.vocab_size == len(tokenizer) and model.config.n_layer == 1
 
-    monkeypatch.setattr("captioner.models.caption_lm.CaptionLM.__init__", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    monkeypatch.setattr("captioner.caption_lm.CaptionLM.__init__", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     assert build_lm(tmp_path / "gpt2", train, tokenizer_dir, arch, val=val, steps=30, batch_size=32, lr=3e-3, warmup_steps=3, val_every=None) == out
     assert build_tokenizer(tmp_path / "tokenizer", train, vocab_size=300) == tokenizer_dir
     monkeypatch.undo()

@@ -48,7 +48,7 @@ def test_starts_from_the_checkpoint_and_scores_the_same_tokens_the_sampler_chose
     greedy = generate_ids(module.decoder, module.tokenizer, prefix.detach(), Decoding(max_new_tokens=12))
     eos = module.tokenizer.eos_token_id
     actions = [g + [eos] if len(g) < 12 else g for g in greedy]
-    logp, mask = module.log_probs(prefix, actions)
+    logp, mask = module.model.token_log_probs(prefix, actions)
     # the teacher-forced pass sees the distributions the decoder sampled from: every greedy token is its argmax
     embeds = torch.cat([prefix, module.decoder.get_input_embeddings()(torch.tensor([a + [eos] * (logp.shape[1] - len(a)) for a in actions]))], 1)
     best = torch.log_softmax(module.decoder(inputs_embeds=embeds).logits[:, prefix.shape[1] - 1 : -1].float(), -1).amax(-1)

@@ -13,12 +13,14 @@ from torch.utils.data import Dataset
 
 from captioner.data.coco import ImageRecord
 from captioner.data.features import FeatureStore
+from captioner.models.decoder import caption_ids
 
 
 def tokenize(records: Sequence[ImageRecord], tokenizer, max_tokens: int) -> list[list[list[int]]]:
-    """tokens[r][k]: caption k of record r, cut to `max_tokens` with end-of-text kept last."""
+    """tokens[r][k]: caption k of record r without the tokenizer's special tokens (the image prefix
+    stands where a BOS would), cut to `max_tokens` with end-of-sequence kept last."""
     eos = tokenizer.eos_token_id
-    return [[tokenizer.encode(c)[: max_tokens - 1] + [eos] for c in r.captions] for r in records]
+    return [[caption_ids(tokenizer, c)[: max_tokens - 1] + [eos] for c in r.captions] for r in records]
 
 
 def pairs_for(records: Sequence[ImageRecord], every_caption: bool) -> list[tuple[int, int]]:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from captioner.data.coco import ImageRecord
 from captioner.data.images import load_image
+from captioner.models.decoder import caption_ids
 
 
 def pairs_hash(records: Sequence[ImageRecord]) -> str:
@@ -73,7 +74,7 @@ class CaptionTexts(Dataset):
         eos = tokenizer.eos_token_id
         self.items = []
         for r in records:
-            ids = [tokenizer.encode(c)[: max_tokens - 2] + [eos] for c in r.captions]
+            ids = [caption_ids(tokenizer, c)[: max_tokens - 2] + [eos] for c in r.captions]
             for k in range(len(ids)):
                 text = [eos] + [t for j in range(min(captions_per_text, len(ids))) for t in ids[(k + j) % len(ids)]]
                 self.items.append({"image_id": r.image_id, "input_ids": text})

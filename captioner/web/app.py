@@ -30,6 +30,8 @@ from captioner.web.batcher import Busy, MicroBatcher
 from captioner.web.limits import ApiKey, BodyLimit, DecodeBudget, Limits, RequestLimit
 from captioner.web.upload import UploadError, decode_image, decoded_bytes
 
+DEFAULT = Decoding()  # the project's default decoding (captioner/generate.py)
+
 STATIC = Path(__file__).parent / "static"
 FIELD = "images"  # the multipart field that holds the files
 
@@ -162,9 +164,9 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), max_batch: int =
     )
     async def captions(
         request: Request,
-        strategy: Literal["greedy", "beam"] = Query("greedy", description="greedy or beam search"),
-        num_beams: int = Query(3, ge=2, le=limits.max_beams, description="beam width (beam only)"),
-        max_new_tokens: int = Query(30, ge=1, le=limits.max_new_tokens),
+        strategy: Literal["greedy", "beam"] = Query(DEFAULT.strategy, description="greedy or beam search"),
+        num_beams: int = Query(DEFAULT.num_beams, ge=2, le=limits.max_beams, description="beam width (beam only)"),
+        max_new_tokens: int = Query(DEFAULT.max_new_tokens, ge=1, le=limits.max_new_tokens),
         attention: bool = Query(False, description="return where each prefix slot looked (attention mapper)"),
     ):
         start = time.perf_counter()

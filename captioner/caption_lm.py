@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from captioner.models.decoder import load_gpt2, load_tokenizer
+from captioner.models.decoder import load_decoder, load_tokenizer
 
 
 class CaptionLM(L.LightningModule):
@@ -31,7 +31,7 @@ class CaptionLM(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
-        self.gpt2 = load_gpt2(dict(arch), self.tokenizer, seed=seed)
+        self.gpt2 = load_decoder(dict(arch), self.tokenizer, seed=seed)
 
     def training_step(self, batch, batch_idx):
         loss = self.gpt2(**batch).loss
