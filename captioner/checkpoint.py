@@ -47,7 +47,7 @@ def refuse_named_code(hparams: Mapping, overrides: Mapping, source) -> None:
 
 
 class _Vocabulary:
-    """What load_gpt2 reads of a tokenizer, for a build on the meta device: a size and an end-of-text id."""
+    """What load_decoder reads of a tokenizer, for a build on the meta device: a size and an end-of-text id."""
 
     def __init__(self, size: int):
         self.size, self.eos_token_id = size, size - 1
@@ -56,8 +56,8 @@ class _Vocabulary:
         return self.size
 
 
-LAYERS = {  # spec key -> (config field, the weights' layer index pattern)
-    "decoder": (("n_layer",), r"decoder\.transformer\.h\.(\d+)\."),
+LAYERS = {  # spec key -> (config fields, the weights' layer index pattern) for GPT-2 and the AutoConfig families
+    "decoder": (("n_layer", "num_hidden_layers"), r"decoder\..*?\b(?:h|layers)\.(\d+)\."),
     "encoder": (("vision_layers", "transformer_layers"), r"encoder\.(visual|text)\.transformer\.resblocks\.(\d+)\."),
 }
 
@@ -67,9 +67,12 @@ def check_sizes(hparams: Mapping, shapes: Mapping[str, Sequence[int]], source, r
     (an encoder or decoder given as a mapping of sizes) would have, built on the meta device (no memory),
     must match the weights' shape; a config that asks for other sizes (`n_layer: 2000`) is refused before
     anything is allocated. `rebuilt`: keys the weights leave out on purpose (tied weights)."""
-    from captioner.models.decoder import load_gpt2
+    from captioner.models.decoder import load_decoder
     from captioner.models.encoder import ClipEncoder
 
+    # the model core's parts sit under `model.`; older checkpoints hold them at the top
+    shapes = {k.removeprefix("model."): v for k, v in shapes.items()}
+    rebuilt = [k.removeprefix("model.") for k in rebuilt]
     problems = []
     for part, (fields, pattern) in LAYERS.items():  # a layer count far beyond the weights' is refused before even a meta build
         spec = hparams.get(part)
@@ -85,8 +88,8 @@ def check_sizes(hparams: Mapping, shapes: Mapping[str, Sequence[int]], source, r
                 encoder = ClipEncoder(dict(hparams["encoder"]))
                 built.update({f"encoder.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()})
             if isinstance(hparams.get("decoder"), Mapping):
-                wte = shapes.get("decoder.transformer.wte.weight")
-                decoder = load_gpt2(dict(hparams["decoder"]), _Vocabulary(int(wte[0]) if wte else 50257), seed=0)
+                wte = next((v for k, v in shapes.items() if re.fullmatch(r"decoder\..*\b(?:wte|embed_tokens)\.weight", k)), None)
+                decoder = load_decoder(dict(hparams["decoder"]), _Vocabulary(int(wte[0]) if wte else 50257), seed=0)
                 built.update({f"decoder.{k}": tuple(v.shape) for k, v in decoder.state_dict().items()})
         problems += [f"{k}: {tuple(shapes[k])} in the weights, {v} in the config" for k, v in built.items()
                      if k in shapes and tuple(shapes[k]) != v]
