@@ -101,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     from captioner.data.images import to_pil
     from captioner.generate import Decoding
 
-    captioner = Captioner.from_pretrained(args.ckpt, device=args.device, int8=args.int8, precision=args.precision, datastore=args.datastore)
+    from captioner.models.hub import MissingWeightsError
+
+    try:  # a missing or foreign checkpoint, absent weights: one line, no traceback
+        captioner = Captioner.from_pretrained(args.ckpt, device=args.device, int8=args.int8, precision=args.precision, datastore=args.datastore)
+    except (FileNotFoundError, ValueError, MissingWeightsError) as e:
+        print(f"error: {e} (--ckpt)", file=sys.stderr)
+        return 2
     decoding = Decoding(strategy=args.strategy, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     if args.max_new_tokens > captioner.max_new_tokens:
         print(f"error: --max-new-tokens {args.max_new_tokens}: this model writes at most {captioner.max_new_tokens}", file=sys.stderr)

@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     args = dict(a.split("=", 1) for a in argv if "=" in a)
     if "ckpt" not in args or set(args) - {"ckpt", "out"} or len(args) != len(argv):
         raise SystemExit(USAGE)
-    out = export(args["ckpt"], args.get("out"))
+    try:  # a missing or foreign checkpoint: one line, no traceback
+        out = export(args["ckpt"], args.get("out"))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e} (ckpt=)", file=sys.stderr)
+        sys.exit(2)
     size = (out / WEIGHTS).stat().st_size / 2**20
     print(f"exported {args['ckpt']} -> {out} ({WEIGHTS}: {size:.1f} MiB, {CONFIG}, tokenizer/)")
 
