@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import re
 import secrets
 import sys
 import types
@@ -206,6 +207,17 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split("\n")[0].split())
 
 
+# a shard pattern such as s3://bucket/{00000..00999}.tar: a shell strips the quotes users put around it,
+# and Hydra's override grammar reads an unquoted `{` as the start of a dict
+BRACE_RANGE = re.compile(r"^([\w.@/+~-]+)=([^'\"].*\{\d+\.\.\d+\}.*)$")
+
+
+def quote_brace_ranges(argv: list[str]) -> list[str]:
+    """`key=a/{0..9}.tar` -> `key='a/{0..9}.tar'`: a brace range is never a Hydra dict, so the override
+    means the string, as it does typed with the quotes a shell removes."""
+    return [f"{m[1]}='{m[2]}'" if (m := BRACE_RANGE.match(a)) and "'" not in m[2] else a for a in argv]
+
+
 def hydra_main(config_name: str) -> Callable:
     """`hydra.main` for captioner's entry points. Bad input exits with status 2 and one line on
     stderr, no traceback: an unknown option or key, a wrong type (at composition), a value `check`
@@ -241,6 +253,7 @@ def hydra_main(config_name: str) -> Callable:
         @functools.wraps(task)
         def main():
             os.environ.setdefault(LAUNCH_DIR, os.getcwd())
+            sys.argv[1:] = quote_brace_ranges(sys.argv[1:])
             run = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(checked)
             if full:
                 return run()
