@@ -138,7 +138,8 @@ def main() -> None:
             train_tokenizer(captions, root / "synthetic" / "tokenizer", vocab_size=512)
             splits = {"train": write_split(root, "train", rows, captions), "val": write_split(root, "val", 16, captions)}
             (root / "splits.json").write_text(json.dumps(splits))
-            store_mib = sum(p.stat().st_size for p in (root / "features").glob("train-*/*.npy")) / 2**20
+            stores = [d for d in (root / "features").glob("train-*") if d.is_dir()]  # not the stores' .lock files
+            store_mib = sum(p.stat().st_size for d in stores for p in d.glob("*.npy")) / 2**20
             for method, flags in (("ours: memory-mapped", []), ("baseline: loaded into RAM", ["--in-ram"])):
                 command = [sys.executable, __file__, "--child", str(root), "--batch-size", str(args.batch_size), *flags]
                 child = subprocess.run(command, capture_output=True, text=True)
