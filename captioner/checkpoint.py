@@ -165,6 +165,8 @@ def _load_export(path: Path, map_location, overrides: dict):
     hparams = dict(config["hyper_parameters"])
     if (path / "tokenizer").is_dir():
         hparams["tokenizer"] = str(path / "tokenizer")
+    if isinstance(hparams.get("encoder"), str) and (path / hparams["encoder"]).is_file():  # the export's clip.pt
+        hparams["encoder"] = str(path / hparams["encoder"])
     module = _module_from_hparams(hparams, overrides)
     state = load_file(str(path / WEIGHTS), device=str(map_location))
     missing, unexpected = module.load_state_dict(state, strict=False)

@@ -2,15 +2,19 @@
 
 DIR (default: `export/` beside the checkpoints folder) receives
     model.safetensors  the trainable weights, and any frozen part built at random (it has no other source);
-                       pretrained frozen parts are named in the config instead, tied weights stored once
-    config.json        the CaptionModule's hyperparameters: `captioner.checkpoint.load_module(DIR)` rebuilds it
+                       published frozen parts are named in the config instead, tied weights stored once
+    config.json        the CaptionModule's hyperparameters: `captioner.checkpoint.load_module(DIR)` rebuilds it;
+                       it names no path outside DIR, so a copy of DIR works on any machine
+    clip.pt            a CLIP that was a local file (a pretrained tiny CLIP): its state dict, read with weights_only
     tokenizer/         vocab.json + merges.txt, so the directory needs nothing from the training run
-Neither file can run code on load, unlike a pickle.
+No file can run code on load, unlike a pickled checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -19,14 +23,24 @@ from safetensors.torch import save_file
 
 from captioner.checkpoint import CONFIG, WEIGHTS, load_module, read_checkpoint
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file under the user's umask (0644 at the usual 022)
+
+
+def _local(spec) -> bool:
+    """A spec naming a file or directory of this machine (a pretrained tiny CLIP or GPT-2), not a
+    published name: an export carries what it names, since the path means nothing elsewhere."""
+    return isinstance(spec, str) and Path(spec).expanduser().exists()
+
 
 def _exported_weights(module) -> tuple[dict, list[str]]:
     """(tensors to save, state-dict keys the config rebuilds instead)."""
     hp = module.hparams
     pretrained_frozen = []
-    if isinstance(hp.encoder, str):
+    if isinstance(hp.encoder, str):  # a published name, or the clip.pt the export carries (_local_specs)
         pretrained_frozen.append("encoder.")
-    if isinstance(hp.decoder, str) and hp.freeze_decoder:
+    if isinstance(hp.decoder, str) and hp.freeze_decoder and not _local(hp.decoder):
         pretrained_frozen.append("decoder.")
     tensors, rebuilt, seen = {}, [], set()
     for key, tensor in module.state_dict().items():
@@ -53,6 +67,30 @@ def _copy_tokenizer(spec: str, dest: Path) -> None:
         shutil.copyfile(source, dest / name)
 
 
+def _local_specs(module, out: Path) -> dict:
+    """Encoder and decoder specs that name nothing outside `out`: a local CLIP file becomes `clip.pt`
+    in `out` (its state dict, which `torch.load(weights_only=True)` reads), a local GPT-2 directory its
+    GPT2Config fields (the weights are in model.safetensors). Published names stay as they are."""
+    import inspect
+
+    import torch
+    from transformers import GPT2Config
+
+    specs = {}
+    if _local(module.hparams.encoder):
+        # clip.model.CLIP's own key layout, which clip.model.build_model (model.encoder=FILE) reads
+        state = {("visual." + k[15:] if k.startswith("encoder.visual.") else k[13:]): v.detach().clone()
+                 for k, v in module.state_dict().items() if k.startswith(("encoder.visual.", "encoder.text."))}
+        state["logit_scale"] = torch.tensor(math.log(1 / 0.07))  # CLIP's initial temperature; captioning never reads it
+        torch.save(state, out / "clip.pt")
+        os.chmod(out / "clip.pt", _FILE_MODE)
+        specs["encoder"] = "clip.pt"  # checkpoint.load_module reads it from the export directory
+    if _local(module.hparams.decoder):
+        allowed = set(inspect.signature(GPT2Config.__init__).parameters) - {"self", "kwargs", "bos_token_id", "eos_token_id"}
+        specs["decoder"] = {k: v for k, v in module.decoder.config.to_dict().items() if k in allowed}
+    return specs
+
+
 def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     ckpt = Path(ckpt)
     out = Path(out) if out else ckpt.parent.parent / "export"
@@ -61,9 +99,11 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     tensors, rebuilt = _exported_weights(module)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "source": ckpt.name})
+    os.chmod(out / WEIGHTS, _FILE_MODE)  # a file to share: readable as any other the user writes
     _copy_tokenizer(module.hparams.tokenizer, out / "tokenizer")
-    hparams = {**dict(module.hparams), "tokenizer": "tokenizer"}  # load_module points it at out/tokenizer
-    config = {"format": "captioner-export", "version": 1, "source": str(ckpt), "global_step": step,
+    # relative names only: the directory works wherever it is copied
+    hparams = {**dict(module.hparams), **_local_specs(module, out), "tokenizer": "tokenizer"}
+    config = {"format": "captioner-export", "version": 1, "source": ckpt.name, "global_step": step,
               "hyper_parameters": hparams, "rebuilt_from_config": rebuilt}
     (out / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
     return out
