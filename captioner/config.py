@@ -48,6 +48,9 @@ OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cach
 # the directory a command was started in (paths.root_dir). Unlike ${hydra:runtime.cwd} it resolves before any
 # job exists, as a multirun's sweep directory must; jobs in other processes (a launcher's workers) read the
 # same directory from the environment, set at launch
+# DataLoader workers: `${cpus:4}` is 4, or fewer on a machine with fewer CPUs for this process (more
+# workers than CPUs only slow each other down, and torch warns about it)
+OmegaConf.register_new_resolver("cpus", lambda most: min(int(most), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1), replace=True)
 LAUNCH_DIR = "CAPTIONER_LAUNCH_DIR"
 OmegaConf.register_new_resolver("launch_dir", lambda: os.environ.get(LAUNCH_DIR) or os.getcwd(), replace=True)
 

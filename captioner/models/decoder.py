@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from captioner.models.hub import missing, reachable
 from captioner.models.zoo import GPT2_ARCHS, resolve
@@ -76,6 +77,10 @@ def write_tokenizer(files: dict[str, str]) -> Path:
             temp.write_text(files[name], encoding="utf-8")
             os.replace(temp, directory / name)  # whole files only: another process may read them at once
     return directory
+
+
+# transformers draws a "Loading weights" bar for every from_pretrained: a second's load is no step to watch
+transformers_logging.disable_progress_bar()
 
 
 def load_gpt2(spec: str | Mapping, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> GPT2LMHeadModel:
