@@ -89,8 +89,8 @@ def _as_typed(cwd, data_dir, *overrides: str) -> subprocess.CompletedProcess:
     """A multirun as the README types it: no hydra.sweep.dir, so the sweep directory is resolved from
     the directory the command starts in (here `cwd`, whose outputs/ receives it) before any job exists."""
     command = [sys.executable, "-m", "captioner.train", "-m", *TINY, f"paths.data_dir={data_dir}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "CAPTIONER_LAUNCH_DIR"}  # the launch directory is `cwd`
+    done = subprocess.run(command, cwd=cwd, env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

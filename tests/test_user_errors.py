@@ -14,7 +14,8 @@ from conftest import ROOT
 
 
 def command(*args: str, cwd=ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "CAPTIONER_LAUNCH_DIR"}  # the launch directory is `cwd`
+    env.update({"HYDRA_FULL_ERROR": "", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -64,6 +65,7 @@ def test_a_message_that_lists_files_is_printed_whole(tmp_path, monkeypatch, caps
         raise BadImagesError("1 of 1 images could not be read:\n  /d/a.jpg: truncated\nOr set data.bad_images=skip to leave them out.")
 
     monkeypatch.setattr(sys, "argv", ["extract", f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null"])
+    monkeypatch.setenv("CAPTIONER_LAUNCH_DIR", str(tmp_path))  # what the entry point sets, undone after the test
     with pytest.raises(SystemExit) as exit_:
         task()
     assert exit_.value.code == 2
