@@ -1,11 +1,12 @@
 # make train   set up the virtualenv and train + score the embedded default (CPU, offline)
 # make test    set up the virtualenv and run the test suite (what CI runs)
+# make clean   remove caches; trained runs (outputs/) and datasets and feature stores (data/) are kept
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train test test-slow bench clean
+.PHONY: setup train test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,4 +26,6 @@ test-slow: setup
 	$(PY) -m pytest -m slow $(ARGS)
 
 clean:
-	rm -rf outputs multirun .pytest_cache
+	rm -rf .pytest_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	@echo "kept outputs/ (trained runs, checkpoints) and data/ (datasets, feature stores): remove them yourself if you mean to"

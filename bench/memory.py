@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,7 +139,8 @@ def main() -> None:
             train_tokenizer(captions, root / "synthetic" / "tokenizer", vocab_size=512)
             splits = {"train": write_split(root, "train", rows, captions), "val": write_split(root, "val", 16, captions)}
             (root / "splits.json").write_text(json.dumps(splits))
-            store_mib = sum(p.stat().st_size for p in (root / "features").glob("train-*/*.npy")) / 2**20
+            stores = [d for d in (root / "features").glob("train-*") if d.is_dir()]  # not the stores' .lock files
+            store_mib = sum(p.stat().st_size for d in stores for p in d.glob("*.npy")) / 2**20
             for method, flags in (("ours: memory-mapped", []), ("baseline: loaded into RAM", ["--in-ram"])):
                 command = [sys.executable, __file__, "--child", str(root), "--batch-size", str(args.batch_size), *flags]
                 child = subprocess.run(command, capture_output=True, text=True)
@@ -148,9 +150,7 @@ def main() -> None:
                 peak = reply["peak_rss_mib"]
                 results.append((method, rows, store_mib, peak, reply["seconds"]))
                 print(f"{method}, {rows} rows: store {store_mib:.0f} MiB, peak RSS {peak:.0f} MiB", flush=True)
-            for store in (root / "features").iterdir():
-                for f in store.iterdir():
-                    f.unlink()
+            shutil.rmtree(root / "features")  # the stores and their .lock files: the next size needs the disk
 
     # the epoch is bound by reading the store: its share of the probed read bandwidth (the model is tiny)
     bandwidth = roofline.probe().read_gbs

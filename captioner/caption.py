@@ -111,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     from captioner.api import Captioner  # imported here so that --help and argument errors answer at once
     from captioner.generate import decoding_from
 
-    captioner = Captioner.from_pretrained(args.ckpt, device=args.device, int8=args.int8, precision=args.precision, datastore=args.datastore)
+    from captioner.models.hub import MissingWeightsError
+
+    try:  # a missing or foreign checkpoint, absent weights: one line, no traceback
+        captioner = Captioner.from_pretrained(args.ckpt, device=args.device, int8=args.int8, precision=args.precision, datastore=args.datastore)
+    except (FileNotFoundError, ValueError, MissingWeightsError) as e:
+        print(f"error: {e} (--ckpt)", file=sys.stderr)
+        return 2
     given = {"strategy": args.strategy, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
     decoding = decoding_from({k: v for k, v in given.items() if v is not None})
     if decoding.max_new_tokens > captioner.max_new_tokens:

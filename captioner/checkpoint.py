@@ -243,6 +243,8 @@ def _load_export(path: Path, map_location, overrides: dict):
     hparams = dict(config["hyper_parameters"])
     if (path / "tokenizer").is_dir():
         hparams["tokenizer"] = str(path / "tokenizer")
+    if isinstance(hparams.get("encoder"), str) and (path / hparams["encoder"]).is_file():  # the export's clip.pt
+        hparams["encoder"] = str(path / hparams["encoder"])
     refuse_named_code(hparams, overrides, path)
     with safe_open(str(path / WEIGHTS), "pt") as header:  # shapes from the header: no tensor is read
         shapes = {k: tuple(header.get_slice(k).get_shape()) for k in header.keys()}

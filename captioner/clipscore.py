@@ -104,8 +104,12 @@ def load_scorer(model_encoder, spec: str | Mapping | None = None) -> tuple[ClipS
     if spec is None:
         return ClipScorer(model_encoder), True
     from captioner.models.encoder import ClipEncoder
+    from captioner.models.hub import MissingWeightsError
 
-    return ClipScorer(ClipEncoder(spec)), False
+    try:
+        return ClipScorer(ClipEncoder(spec)), False
+    except (ValueError, MissingWeightsError) as e:  # the loader names model.encoder: this CLIP is clipscore.model's
+        raise type(e)(str(e).replace("model.encoder", "clipscore.model")) from None
 
 
 def score_split(module_encoder, datamodule, split: str, captions: Mapping[int, str], spec: str | Mapping | None = None) -> dict:

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import re
 import secrets
 import sys
 import types
@@ -27,10 +28,11 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning as L
+import torch
 from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from captioner.data.datamodule import CaptionDataModule
 from captioner.data.noise import add_noise
@@ -43,6 +45,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub retries: absent weights f
 # run directories are named `<time>_${run_id:}`: a random suffix keeps two runs started in the same
 # second apart (conf/hydra/default.yaml)
 OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
+# the directory a command was started in (paths.root_dir). Unlike ${hydra:runtime.cwd} it resolves before any
+# job exists, as a multirun's sweep directory must; jobs in other processes (a launcher's workers) read the
+# same directory from the environment, set at launch
+# DataLoader workers: `${cpus:4}` is 4, or fewer on a machine with fewer CPUs for this process (more
+# workers than CPUs only slow each other down, and torch warns about it)
+OmegaConf.register_new_resolver("cpus", lambda most: min(int(most), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1), replace=True)
+LAUNCH_DIR = "CAPTIONER_LAUNCH_DIR"
+OmegaConf.register_new_resolver("launch_dir", lambda: os.environ.get(LAUNCH_DIR) or os.getcwd(), replace=True)
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 PLAIN = (int, float, bool, str)
@@ -163,6 +173,10 @@ def check(cfg: DictConfig) -> None:
             continue
         if not test(value):
             raise ConfigError(f"{key}={value!r} is not allowed: use {allowed}")
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None, throw_on_missing=False)
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} needs a GPU and this machine has none: run it on a GPU "
+                          f"machine, or add trainer=cpu")
     for key in DECODING_KEYS:
         options = OmegaConf.select(cfg, key, default=None)
         if options is None:
@@ -186,12 +200,25 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, OmegaConfBaseException) or isinstance(error.__cause__, OmegaConfBaseException):
         inner = error if isinstance(error, OmegaConfBaseException) else error.__cause__
         key = getattr(inner, "full_key", None)
+        if isinstance(inner, MissingMandatoryValue) and key:
+            return f"{key} is required: add {key}=..."
         if isinstance(inner, (ConfigKeyError, ConfigAttributeError)) and key and getattr(inner, "parent_node", None) is not None:
             allowed = ", ".join(k for k in inner.parent_node.keys() if not str(k).startswith("_"))
             return f"{key} is not a config key here: the keys are {allowed}"
         message = str(inner).split("\n")[0].strip()
         return f"{key}: {message}" if key else message
     return " ".join(str(error).split("\n")[0].split())
+
+
+# a shard pattern such as s3://bucket/{00000..00999}.tar: a shell strips the quotes users put around it,
+# and Hydra's override grammar reads an unquoted `{` as the start of a dict
+BRACE_RANGE = re.compile(r"^([\w.@/+~-]+)=([^'\"].*\{\d+\.\.\d+\}.*)$")
+
+
+def quote_brace_ranges(argv: list[str]) -> list[str]:
+    """`key=a/{0..9}.tar` -> `key='a/{0..9}.tar'`: a brace range is never a Hydra dict, so the override
+    means the string, as it does typed with the quotes a shell removes."""
+    return [f"{m[1]}='{m[2]}'" if (m := BRACE_RANGE.match(a)) and "'" not in m[2] else a for a in argv]
 
 
 def hydra_main(config_name: str) -> Callable:
@@ -207,7 +234,7 @@ def hydra_main(config_name: str) -> Callable:
     from captioner.models.hub import MissingWeightsError
 
     user_errors = (ConfigError, ValueError, FileNotFoundError, StaleStoreError, CompleteStoreError, MissingWeightsError,
-                   DiskFullError, NonFiniteError)
+                   DiskFullError, NonFiniteError, MissingMandatoryValue)
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
     def decorate(task: Callable) -> Callable:
@@ -218,14 +245,21 @@ def hydra_main(config_name: str) -> Callable:
             try:
                 check(cfg)
                 return task(cfg)
-            except user_errors as error:
-                if full:
+            except Exception as error:
+                # `instantiate` wraps what a constructor raised (absent weights, a missing file): report that
+                cause = error.__cause__ if isinstance(error, InstantiationException) else error
+                if full or not isinstance(cause, user_errors):
                     raise
-                print(f"error: {one_line(error)}", file=sys.stderr)
+                # the whole message: some run over lines (a list of unreadable images, then what to do).
+                # Exiting also ends a multirun at its first job: the next jobs would fail the same way
+                print(f"error: {one_line(cause) if isinstance(cause, OmegaConfBaseException) else str(cause).strip()}",
+                      file=sys.stderr)
                 sys.exit(2)
 
         @functools.wraps(task)
         def main():
+            os.environ.setdefault(LAUNCH_DIR, os.getcwd())
+            sys.argv[1:] = quote_brace_ranges(sys.argv[1:])
             run = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(checked)
             if full:
                 return run()

@@ -2,11 +2,13 @@
 
 DIR (default: `export/` beside the checkpoints folder) receives
     model.safetensors  the trainable weights, and any frozen part built at random (it has no other source);
-                       pretrained frozen parts are named in the config instead, tied weights stored once
-    config.json        the CaptionModule's hyperparameters: `captioner.checkpoint.load_module(DIR)` rebuilds it
+                       published frozen parts are named in the config instead, tied weights stored once
+    config.json        the CaptionModule's hyperparameters: `captioner.checkpoint.load_module(DIR)` rebuilds it;
+                       it names no path outside DIR, so a copy of DIR works on any machine
+    clip.pt            a CLIP that was a local file (a pretrained tiny CLIP): its state dict, read with weights_only
     tokenizer/         the tokenizer's files (save_pretrained's, or GPT-2's vocab.json + merges.txt), so the
                        directory needs nothing from the training run; LoRA adapters are merged into the decoder
-Neither file can run code on load, unlike a pickle. The directory is written under a temporary name
+No file can run code on load, unlike a pickled checkpoint. The directory is written under a temporary name
 beside DIR and renamed into place once whole: a crash leaves the previous export as it was, never new
 weights with an old config.
 """
@@ -14,6 +16,7 @@ weights with an old config.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -24,14 +27,24 @@ from safetensors.torch import save_file
 from captioner.checkpoint import CONFIG, WEIGHTS, load_module, read_checkpoint
 from captioner.models.decoder import tokenizer_files
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file under the user's umask (0644 at the usual 022)
+
+
+def _local(spec) -> bool:
+    """A spec naming a file or directory of this machine (a pretrained tiny CLIP or GPT-2), not a
+    published name: an export carries what it names, since the path means nothing elsewhere."""
+    return isinstance(spec, str) and Path(spec).expanduser().exists()
+
 
 def _exported_weights(module) -> tuple[dict, list[str]]:
     """(tensors to save, state-dict keys the config rebuilds instead)."""
     hp = module.hparams
     pretrained_frozen = []
-    if isinstance(hp.encoder, str):
+    if isinstance(hp.encoder, str):  # a published name, or the clip.pt the export carries (_local_specs)
         pretrained_frozen.append("model.encoder.")
-    if isinstance(hp.decoder, str) and module.model.decoder_mode == "frozen":
+    if isinstance(hp.decoder, str) and module.model.decoder_mode == "frozen" and not _local(hp.decoder):
         pretrained_frozen.append("model.decoder.")
     tensors, rebuilt, seen = {}, [], set()
     for key, tensor in module.state_dict().items():
@@ -50,6 +63,29 @@ def _copy_tokenizer(module, dest: Path) -> None:
         (dest / name).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
 
 
+def _local_specs(module, out: Path) -> dict:
+    """Encoder and decoder specs that name nothing outside `out`: a local CLIP file becomes `clip.pt`
+    in `out` (its state dict, which `torch.load(weights_only=True)` reads), a local decoder directory its
+    config fields with `model_type` (the weights are in model.safetensors). Published names stay as they are."""
+    import torch
+
+    from captioner.checkpoint import UNBUILT_CONFIG_KEYS
+
+    specs = {}
+    if _local(module.hparams.encoder):
+        # clip.model.CLIP's own key layout, which clip.model.build_model (model.encoder=FILE) reads
+        state = {("visual." + k[15:] if k.startswith("encoder.visual.") else k[13:]): v.detach().clone()
+                 for k, v in module.model.state_dict().items() if k.startswith(("encoder.visual.", "encoder.text."))}
+        state["logit_scale"] = torch.tensor(math.log(1 / 0.07))  # CLIP's initial temperature; captioning never reads it
+        torch.save(state, out / "clip.pt")
+        os.chmod(out / "clip.pt", _FILE_MODE)
+        specs["encoder"] = "clip.pt"  # checkpoint.load_module reads it from the export directory
+    if _local(module.hparams.decoder):  # any family: model_type selects the architecture, built at random
+        config = module.decoder.config.to_dict()
+        specs["decoder"] = {k: v for k, v in config.items() if k not in UNBUILT_CONFIG_KEYS}
+    return specs
+
+
 def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     ckpt = Path(ckpt)
     out = Path(out) if out else ckpt.parent.parent / "export"
@@ -63,10 +99,13 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     try:
         temp.mkdir()
         save_file(tensors, str(temp / WEIGHTS), metadata={"format": "pt", "source": ckpt.name})
+        os.chmod(temp / WEIGHTS, _FILE_MODE)  # a file to share: readable as any other the user writes
         _copy_tokenizer(module, temp / "tokenizer")
-        # load_module points the tokenizer at out/tokenizer; a LoRA model is saved merged, as a fine-tuned one
-        hparams = {**dict(module.hparams), "tokenizer": "tokenizer", "decoder_mode": module.model.decoder_mode, "lora": None}
-        config = {"format": "captioner-export", "version": 1, "source": str(ckpt), "global_step": step,
+        # relative names only: the directory works wherever it is copied; a LoRA model is saved merged,
+        # as a fine-tuned one
+        hparams = {**dict(module.hparams), **_local_specs(module, temp), "tokenizer": "tokenizer",
+                   "decoder_mode": module.model.decoder_mode, "lora": None}
+        config = {"format": "captioner-export", "version": 1, "source": ckpt.name, "global_step": step,
                   "hyper_parameters": hparams, "rebuilt_from_config": rebuilt}
         (temp / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
         _swap_in(temp, out)
@@ -96,7 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     args = dict(a.split("=", 1) for a in argv if "=" in a)
     if "ckpt" not in args or set(args) - {"ckpt", "out"} or len(args) != len(argv):
         raise SystemExit(USAGE)
-    out = export(args["ckpt"], args.get("out"))
+    try:  # a missing or foreign checkpoint: one line, no traceback
+        out = export(args["ckpt"], args.get("out"))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e} (ckpt=)", file=sys.stderr)
+        sys.exit(2)
     size = (out / WEIGHTS).stat().st_size / 2**20
     print(f"exported {args['ckpt']} -> {out} ({WEIGHTS}: {size:.1f} MiB, {CONFIG}, tokenizer/)")
 

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from captioner.config import hydra_main
+from captioner.data.manifest import MANIFEST
 from captioner.pretraining import prepare as prepare_pretrained
 
 
@@ -42,6 +43,8 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         prepare_pretrained(cfg.get("pretrain"))  # the tiny CLIP that encodes the images, cached (as in train)
     fabric.barrier()
     shard = dict(rank=fabric.global_rank, world_size=fabric.world_size, barrier=fabric.barrier, device=fabric.device)
+    cache = Path(cfg.data.cache_dir)
+    finished = {m: m.stat().st_mtime_ns for m in cache.glob(f"*/{MANIFEST}")}  # a store's manifest is written last
     table = Table("split", "images", "skipped", title="feature stores")
     stores = {}
     for split in cfg.splits or list(datamodule.splits):
@@ -50,7 +53,11 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         table.add_row(split, str(len(records)), str(len(store.skipped)))  # the text store has a row per caption
     if fabric.global_rank == 0:
         Console().print(table)
-        print(f"written by {fabric.world_size} process(es) into {Path(cfg.data.cache_dir).resolve()}")
+        written = [m for m in cache.glob(f"*/{MANIFEST}") if finished.get(m) != m.stat().st_mtime_ns]
+        if written:
+            print(f"{len(written)} store(s) written by {fabric.world_size} process(es) into {cache.resolve()}")
+        else:
+            print(f"nothing to extract: the stores in {cache.resolve()} were complete")
     return stores
 
 

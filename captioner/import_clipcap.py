@@ -172,6 +172,12 @@ def _clip_spec(value: str) -> str | dict:
     return json.loads(value) if value.lstrip().startswith("{") else value
 
 
+def own_options(error: Exception) -> str:
+    """The loaders' message with this command's options in place of the config keys they name."""
+    message = str(error).replace("model.encoder=", "--clip ").replace("model.encoder", "--clip")
+    return message.replace("model.tokenizer=", "--tokenizer ").replace("model.tokenizer", "--tokenizer")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m captioner.import_clipcap", description="Import a ClipCap checkpoint.",
                                      epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,10 +195,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--freeze-decoder", action="store_true", help="for later fine-tuning: keep GPT-2 frozen (ClipCaptionPrefix)")
     parser.add_argument("-o", "--out", required=True, help="output .ckpt")
     args = parser.parse_args(argv)
-    module, report = import_clipcap(
-        args.source, args.mapper, args.clip, args.tokenizer, args.prefix_length, args.clip_length,
-        args.normalize, args.num_heads, args.decoder_heads, args.freeze_decoder,
-    )
+    from captioner.models.hub import MissingWeightsError
+
+    if not Path(args.source).is_file():
+        parser.exit(2, f"error: ClipCap checkpoint {args.source} does not exist\n")
+    try:
+        module, report = import_clipcap(
+            args.source, args.mapper, args.clip, args.tokenizer, args.prefix_length, args.clip_length,
+            args.normalize, args.num_heads, args.decoder_heads, args.freeze_decoder,
+        )
+    except (ValueError, FileNotFoundError, MissingWeightsError) as e:  # absent CLIP or GPT-2 files, a mismatch
+        parser.exit(2, f"error: {own_options(e.__cause__ if isinstance(e.__cause__, MissingWeightsError) else e)}\n")
     out = save(module, report, args.out)
     print(json.dumps({**report, "out": str(out)}, indent=2, default=str))
     return report

@@ -31,6 +31,8 @@ from captioner.data.coco import ImageRecord, load_records
 from captioner.data.dataset import collate
 from captioner.data.manifest import sole_writer
 from captioner.data.pairs import CaptionTexts, ImageCaptionPairs, pairs_hash
+from captioner.models.decoder import load_tokenizer
+from captioner.models.zoo import GPT2_ARCHS, resolve
 
 MANIFEST_VERSION = 1
 EOS = "<|endoftext|>"
@@ -54,6 +56,14 @@ def is_current(directory: Path, wanted: Mapping, what: str) -> bool:
     return False
 
 
+def _fit(trainer: L.Trainer, module: L.LightningModule, loader: DataLoader, val_loader: DataLoader | None, steps: int) -> None:
+    """`trainer.fit`, then a check that every step was taken: an interrupted fit (Lightning returns
+    from Ctrl-C) must not be recorded as a finished build."""
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
+    if trainer.global_step < steps:
+        raise RuntimeError(f"pretraining stopped after {trainer.global_step} of {steps} steps: nothing was cached")
+
+
 def _finish(directory: Path, wanted: Mapping) -> None:
     tmp = directory / "manifest.json.tmp"  # write-then-rename: a kill never leaves half a manifest
     tmp.write_text(json.dumps(wanted, indent=2))
@@ -67,9 +77,18 @@ def _records(split: Mapping, what: str) -> list[ImageRecord]:
     return records
 
 
-def _trainer(directory: Path, steps: int, precision: str, val_every: int | None, loggers: Sequence = ()) -> L.Trainer:
+def _batch(batch_size: int, items: int, what: str, least: int = 1) -> int:
+    """The batch size for `items` training items: never more than there are (a batch larger than the
+    data would make an epoch of no batches and train nothing), and an error when there is nothing to train on."""
+    if items < least:
+        raise ValueError(f"{what}: the training split has {items} caption(s), {least} or more are needed (data.splits.train)")
+    return min(batch_size, items)
+
+
+def _trainer(directory: Path, steps: int, batches: int, precision: str, val_every: int | None, loggers: Sequence = ()) -> L.Trainer:
     return L.Trainer(
         accelerator="auto", devices=1, max_steps=steps, precision=precision,
+        max_epochs=-(-steps // batches),  # the epochs `steps` take: the progress bar reads "Epoch 2/5", not "2/-2"
         logger=[CSVLogger(directory, name="logs", version=""), *loggers],
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
         val_check_interval=val_every, check_val_every_n_epoch=None if val_every else 1,
@@ -136,15 +155,17 @@ def build_clip(
 
         dataset = partial(ImageCaptionPairs, preprocess=_transform(module.clip.visual.input_resolution),
                           context_length=module.clip.context_length, preload=preload)
-        loader = DataLoader(dataset(records), batch_size=batch_size, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(seed))
+        pairs = dataset(records)
+        # a contrastive batch needs another pair to tell its own apart from
+        loader = DataLoader(pairs, batch_size=_batch(batch_size, len(pairs), "CLIP pretraining", least=2), shuffle=True,
+                            drop_last=True, generator=torch.Generator().manual_seed(seed))
         val_loaders = None
         if val:  # every validation image against every validation image's first caption
             val_pairs = dataset(_records(val, "CLIP validation"), first_only=True)
             val_loaders = DataLoader(val_pairs, batch_size=len(val_pairs))
         out.mkdir(parents=True, exist_ok=True)
-        trainer = _trainer(out, steps, precision, val_every if val_loaders else None, loggers)
-        trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loaders)
+        trainer = _trainer(out, steps, len(loader), precision, val_every if val_loaders else None, loggers)
+        _fit(trainer, module, loader, val_loaders, steps)
         if val_loaders:
             trainer.validate(module, val_loaders, verbose=False)
         tmp = out / "clip.pt.tmp"
@@ -152,6 +173,14 @@ def build_clip(
         os.replace(tmp, out / "clip.pt")
         _finish(out, wanted)
     return out / "clip.pt"
+
+
+def _fit_context(arch: Mapping, texts: Sequence[CaptionTexts | None]) -> dict:
+    """`arch` with a context (`n_positions`) long enough for the longest text: captions of other data
+    (and several to a text, `captions_per_text`) run longer than the embedded default's."""
+    longest = max((len(item["input_ids"]) for t in texts if t for item in t.items), default=0)
+    positions = resolve(arch, GPT2_ARCHS, "pretrain.lm.arch").get("n_positions", 1024)  # GPT2Config's default
+    return {**arch, "n_positions": max(positions, longest)}
 
 
 def build_lm(
@@ -190,17 +219,18 @@ def build_lm(
         if is_current(out, wanted, "the pretrained GPT-2"):
             return out
         torch.manual_seed(seed)
-        module = CaptionLM(arch, str(tokenizer), lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, seed=seed)
+        text_tokenizer = load_tokenizer(str(tokenizer))
+        texts = CaptionTexts(records, text_tokenizer, max_tokens, captions_per_text)
+        val_texts = CaptionTexts(_records(val, "GPT-2 validation"), text_tokenizer, max_tokens, captions_per_text) if val else None
+        module = CaptionLM(_fit_context(arch, [texts, val_texts]), str(tokenizer), lr=lr, weight_decay=weight_decay,
+                           warmup_steps=warmup_steps, seed=seed)
         pad = partial(collate, pad_id=module.tokenizer.pad_token_id)
-        loader = DataLoader(CaptionTexts(records, module.tokenizer, max_tokens, captions_per_text), batch_size=batch_size, shuffle=True,
+        loader = DataLoader(texts, batch_size=_batch(batch_size, len(texts), "GPT-2 pretraining"), shuffle=True,
                             drop_last=True, collate_fn=pad, generator=torch.Generator().manual_seed(seed))
-        val_loader = None
-        if val:
-            val_loader = DataLoader(CaptionTexts(_records(val, "GPT-2 validation"), module.tokenizer, max_tokens, captions_per_text),
-                                    batch_size=256, collate_fn=pad)
+        val_loader = DataLoader(val_texts, batch_size=256, collate_fn=pad) if val_texts else None
         out.mkdir(parents=True, exist_ok=True)
-        trainer = _trainer(out, steps, precision, val_every if val_loader else None, loggers)
-        trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
+        trainer = _trainer(out, steps, len(loader), precision, val_every if val_loader else None, loggers)
+        _fit(trainer, module, loader, val_loader, steps)
         module.gpt2.save_pretrained(out)  # config.json + model.safetensors
         _finish(out, wanted)
     return out

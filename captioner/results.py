@@ -76,12 +76,19 @@ def print_scores(scores: Report, title: str) -> None:
         console.print(f"{metric}: unavailable ({reason})")
 
 
+def _read_json(path: Path, wanted: str):
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # an image or a CSV given by mistake
+        raise ValueError(f"{path} is not JSON ({e}): give {wanted}") from None
+
+
 def load_results(path: str | Path) -> dict[int, str]:
     """A COCO results file `[{"image_id": int, "caption": str}, ...]`: one caption per image."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"results file {path} does not exist (results=...)")
-    rows = json.loads(path.read_text())
+    rows = _read_json(path, "a COCO results file (results=...)")
     if not isinstance(rows, list) or not all(isinstance(r, Mapping) and {"image_id", "caption"} <= set(r) for r in rows):
         raise ValueError(f"{path} is not a COCO results file: it must be a list of {{'image_id': ..., 'caption': ...}}")
     captions: dict[int, str] = {}
@@ -98,7 +105,7 @@ def load_references(path: str | Path) -> dict[int, list[str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"references file {path} does not exist (references=...)")
-    coco = json.loads(path.read_text())
+    coco = _read_json(path, "a COCO captions file (references=...)")
     if not isinstance(coco, Mapping) or "images" not in coco or "annotations" not in coco:
         raise ValueError(f"{path} is not in the COCO caption format: it needs 'images' and 'annotations'")
     references: dict[int, list[str]] = {int(im["id"]): [] for im in coco["images"]}

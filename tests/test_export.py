@@ -38,7 +38,8 @@ def test_exported_model_reloads_and_captions_identically(trained, tmp_path):
     ckpt, cfg = trained
     export_main([f"ckpt={ckpt}", f"out={tmp_path / 'export'}"])
     export = tmp_path / "export"
-    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
+    # the pretrained tiny CLIP was a local file: the export carries it
+    assert sorted(p.name for p in export.iterdir()) == ["clip.pt", "config.json", "model.safetensors", "tokenizer"]
     config = json.loads((export / "config.json").read_text())
     assert config["hyper_parameters"]["mapper"]["name"] == "attention" and config["global_step"] == 2
     weights = load_file(export / "model.safetensors")
@@ -55,14 +56,15 @@ def test_exported_model_reloads_and_captions_identically(trained, tmp_path):
     assert captions == exported.caption_features(batch) and len(captions) == len(batch["image_id"])
 
 
-def test_a_checkpoint_whose_pickle_runs_code_is_refused_and_nothing_runs(trained, tmp_path, data_dir):
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_and_nothing_runs(trained, tmp_path, data_dir, capsys):
     evil, marker = tmp_path / "evil.ckpt", tmp_path / "marker"
     subprocess.run([sys.executable, "-c", CRAFT, str(evil), str(marker)], check=True)
     assert not marker.exists()
     with pytest.raises(UnsafeCheckpointError, match="posix.system|os.system|refusing"):
         load_module(evil)
-    with pytest.raises(UnsafeCheckpointError):
+    with pytest.raises(SystemExit):  # the command says so in one line
         export_main([f"ckpt={evil}", f"out={tmp_path / 'export'}"])
+    assert "error: refusing to load" in capsys.readouterr().err
     # resuming training from it goes through the same refusal (AtomicCheckpointIO.load_checkpoint)
     with pytest.raises(UnsafeCheckpointError, match="refusing to load"):
         run(compose_train(tmp_path / "run", data_dir, ["experiment=smoke", "debug=limit", f"ckpt_path={evil}"]))

@@ -83,3 +83,30 @@ def test_two_runs_started_in_the_same_second_get_different_directories(tmp_path)
 def test_every_debug_config_composes_with_the_smoke_experiment(debug, tmp_path):
     cfg = compose_train(tmp_path, tmp_path, ["experiment=smoke", f"debug={debug}"])
     assert cfg.task_name == "debug" and cfg.trainer._target_ == "lightning.Trainer"
+
+
+def _as_typed(cwd, data_dir, *overrides: str) -> subprocess.CompletedProcess:
+    """A multirun as the README types it: no hydra.sweep.dir, so the sweep directory is resolved from
+    the directory the command starts in (here `cwd`, whose outputs/ receives it) before any job exists."""
+    command = [sys.executable, "-m", "captioner.train", "-m", *TINY, f"paths.data_dir={data_dir}", *overrides]
+    env = {k: v for k, v in os.environ.items() if k != "CAPTIONER_LAUNCH_DIR"}  # the launch directory is `cwd`
+    done = subprocess.run(command, cwd=cwd, env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_a_multirun_without_a_sweep_dir_writes_its_summary(tmp_path, data_dir):
+    _as_typed(tmp_path, data_dir, "model.prefix_length=4,8")
+    summaries = list((tmp_path / "outputs").glob("*/multiruns/*/summary.md"))
+    assert len(summaries) == 1 and len(summaries[0].read_text().splitlines()) == 2 + 2
+
+
+@pytest.mark.parametrize("sweep,one_job", [
+    ("ablation", ["model/mapper=mlp", "model.freeze_decoder=true", "data.noise.variance=0.0"]),
+    ("grid", ["model.prefix_length=4", "model.mapper.num_layers=1", "data.noise.rate=0.1"]),
+])
+def test_the_sweep_files_start_their_jobs_as_typed(sweep, one_job, tmp_path, data_dir):
+    """`-m sweep=...` with each swept key pinned on the command line (a command-line row wins): one job."""
+    _as_typed(tmp_path, data_dir, f"sweep={sweep}", *one_job)
+    jobs = list((tmp_path / "outputs").glob("*/multiruns/*/0/metrics.json"))
+    assert len(jobs) == 1 and "val/cider" in json.loads(jobs[0].read_text())

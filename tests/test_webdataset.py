@@ -222,3 +222,17 @@ def test_a_training_run_reads_the_shards(coco_val, tmp_path, data_dir):
     assert checkpoint["global_step"] == 4
     captions = json.loads((tmp_path / "run" / "captions_test.json").read_text())
     assert sorted(c["image_id"] for c in captions) == sorted(r.image_id for r in coco_val[64:96])
+
+
+@pytest.mark.parametrize("quoting", ["'{}'", "\"'{}'\""], ids=["shell-quoted", "hydra-quoted"])
+def test_a_shard_pattern_override_composes_as_a_shell_passes_it(quoting):
+    """`shards='s3://.../{00000..00999}.tar'` typed in a shell reaches Hydra unquoted, where `{` opens a
+    dict: the entry points quote a brace range back, so both the README's quoting and Hydra's own work."""
+    pattern = "s3://bucket/pairs/{00000..00999}.tar"
+    line = (f"{sys.executable} -m captioner.extract experiment=coco_attn data=webdataset "
+            f"data.splits.train.shards={quoting.format(pattern)} --cfg job -p data.splits.train.shards")
+    done = subprocess.run(["bash", "-c", line], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == pattern
+    assert len(shards.expand(done.stdout.strip())) == 1000

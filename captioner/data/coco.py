@@ -31,7 +31,8 @@ def load_coco(annotation_file: str | Path, image_dir: str | Path) -> list[ImageR
     """Official COCO caption JSON (`images[]`, `annotations[]`), records sorted by image id."""
     annotation_file, image_dir = Path(annotation_file), Path(image_dir)
     if not annotation_file.is_file():
-        raise FileNotFoundError(f"COCO annotation file {annotation_file} does not exist (data.annotations)")
+        raise FileNotFoundError(f"COCO annotation file {annotation_file} does not exist: point data.splits.{{train,val,test}}.annotations "
+                                f"at your files, or paths.coco_root (COCO_ROOT=...) at an MS COCO folder")
     coco = json.loads(annotation_file.read_text())
     if "images" not in coco or "annotations" not in coco:
         raise ValueError(f"{annotation_file} is not in the COCO caption format: it needs 'images' and 'annotations'")

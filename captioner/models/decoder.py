@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2Tokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from captioner.models.hub import missing, reachable
 from captioner.models.zoo import GPT2_ARCHS, resolve
@@ -114,6 +115,10 @@ def write_tokenizer(files: Mapping[str, str | bytes]) -> Path:
             temp.write_bytes(blob)
             os.replace(temp, directory / name)  # whole files only: another process may read them at once
     return directory
+
+
+# transformers draws a "Loading weights" bar for every from_pretrained: a second's load is no step to watch
+transformers_logging.disable_progress_bar()
 
 
 def decoder_config(spec: Mapping, vocab_size: int, eos: int):
