@@ -2,7 +2,6 @@
 # make test    set up the virtualenv and run the test suite (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup train test test-slow bench clean

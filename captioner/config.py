@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import linecache
 import os
 import secrets
 import sys
@@ -39,12 +40,13 @@ from captioner.generate import Decoding
 from captioner.models.mapper import MAPPERS
 from captioner.module import CaptionModule
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub retries: absent weights fail at once (models/hub.py)
 # run directories are named `<time>_${run_id:}`: a random suffix keeps two runs started in the same
 # second apart (conf/hydra/default.yaml)
 OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# an installed package carries the configs as captioner/conf; a checkout has them beside the package
+CONF_DIR = str(next(d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parents[1] / "conf")
+                    if d.is_dir()))
 PLAIN = (int, float, bool, str)
 # arguments the module computes and passes itself, never config keys
 MAPPER_DIMENSIONS = ("in_dim", "token_dim", "embed_dim", "prefix_length", "num_tokens")
@@ -194,17 +196,43 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split("\n")[0].split())
 
 
+def reported(error: BaseException) -> bool:
+    """Whether `error` comes from a `raise` statement in captioner's own code: a ValueError captioner raises
+    names a setting or an input it refuses, while one raised anywhere else (a library, `int("x")`, a failed
+    unpacking) is a bug, whose traceback the user and the report need."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    if not tb.tb_frame.f_globals.get("__name__", "").startswith("captioner."):
+        return False
+    return linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise ")
+
+
+def usage(config_name: str) -> str:
+    """The commands a config file opens with (its leading comment lines), which `--help` prints above
+    Hydra's list of config groups and options."""
+    lines = []
+    for line in (Path(CONF_DIR) / f"{config_name}.yaml").read_text().splitlines():
+        if not line.startswith("#") or line.startswith("# @package"):
+            break
+        lines.append(line[1:].removeprefix(" "))
+    return "\n".join(["usage (Hydra overrides key=value, group=option; -m sweeps; --cfg job prints the config):", *lines, ""])
+
+
 def hydra_main(config_name: str) -> Callable:
     """`hydra.main` for captioner's entry points. Bad input exits with status 2 and one line on
     stderr, no traceback: an unknown option or key, a wrong type (at composition), a value `check`
     refuses, and the errors captioner raises about what it was given (a missing file, a stale cache,
-    absent weights, a ValueError naming a setting). `HYDRA_FULL_ERROR=1` shows the traceback."""
+    absent weights, a ValueError naming a setting). Any other error is a bug and keeps its traceback;
+    `HYDRA_FULL_ERROR=1` shows the traceback of every error."""
     import hydra
 
     from captioner.data.manifest import StaleStoreError
     from captioner.models.hub import MissingWeightsError
 
-    user_errors = (ConfigError, ValueError, FileNotFoundError, StaleStoreError, MissingWeightsError)
+    user_errors = (ConfigError, FileNotFoundError, StaleStoreError, MissingWeightsError)
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
     def decorate(task: Callable) -> Callable:
@@ -215,14 +243,16 @@ def hydra_main(config_name: str) -> Callable:
             try:
                 check(cfg)
                 return task(cfg)
-            except user_errors as error:
-                if full:
+            except (*user_errors, ValueError) as error:
+                if full or not (isinstance(error, user_errors) or reported(error)):
                     raise
                 print(f"error: {one_line(error)}", file=sys.stderr)
                 sys.exit(2)
 
         @functools.wraps(task)
         def main():
+            if {"--help", "-h"} & set(sys.argv[1:]):
+                print(usage(config_name))
             run = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(checked)
             if full:
                 return run()

@@ -1,4 +1,4 @@
-"""python -m captioner.export ckpt=PATH [out=DIR]: a trained model as files that are safe to share.
+"""python -m captioner.export ckpt=PATH [out=DIR] (conf/export.yaml): a trained model as files that are safe to share.
 
 DIR (default: `export/` beside the checkpoints folder) receives
     model.safetensors  the trainable weights, and any frozen part built at random (it has no other source);
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from captioner.checkpoint import CONFIG, WEIGHTS, load_module, read_checkpoint
+from captioner.config import ConfigError, hydra_main
 
 
 def _exported_weights(module) -> tuple[dict, list[str]]:
@@ -69,20 +70,14 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
-USAGE = "usage: python -m captioner.export ckpt=outputs/.../checkpoints/last.ckpt [out=DIR]"
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(f"{USAGE}\n\n{__doc__}")
-        return
-    args = dict(a.split("=", 1) for a in argv if "=" in a)
-    if "ckpt" not in args or set(args) - {"ckpt", "out"} or len(args) != len(argv):
-        raise SystemExit(USAGE)
-    out = export(args["ckpt"], args.get("out"))
+@hydra_main("export")
+def main(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        raise ConfigError("ckpt= is missing: name the checkpoint to export, e.g. "
+                          "ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt")
+    out = export(cfg.ckpt, cfg.out)
     size = (out / WEIGHTS).stat().st_size / 2**20
-    print(f"exported {args['ckpt']} -> {out} ({WEIGHTS}: {size:.1f} MiB, {CONFIG}, tokenizer/)")
+    print(f"exported {cfg.ckpt} -> {out} ({WEIGHTS}: {size:.1f} MiB, {CONFIG}, tokenizer/)")
 
 
 if __name__ == "__main__":
