@@ -172,7 +172,8 @@ def test_documented_command(command, entry, request):
         pytest.skip(SKIPPED[needs])
     if "/d/" in command and not (SHARED_DATA / "coco_mini").is_dir():
         pytest.skip("../shared/data/coco_mini is absent")
-    world = request.getfixturevalue("world")
+    # the default tier (--help, --cfg job, what must fail at once) runs in an empty folder; the slow one in the world
+    world = request.getfixturevalue("world") if entry.get("tier") == "slow" else request.getfixturevalue("tmp_path")
     line = typed(command, entry)
     if needs == "server":
         server = Server(line, world, entry.get("within", 180))
