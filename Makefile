@@ -3,7 +3,6 @@
 # make clean   remove caches; trained runs (outputs/) and datasets and feature stores (data/) are kept
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup train test test-slow clean

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
 import socket
 import subprocess
 import sys
@@ -250,7 +249,6 @@ def main() -> None:
                         help="the server's precision(s), each measured at every concurrency (serve's precision= / int8=)")
     parser.add_argument("--unbatched", action="store_true", help="also run the highest concurrency with max_batch=1")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     console = Console(width=150)  # the table's eleven columns stay readable in logs
     images = photos(16)
     rows = []

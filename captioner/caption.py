@@ -11,13 +11,11 @@ import argparse
 import csv
 import glob
 import json
-import os
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".mpo"}
 

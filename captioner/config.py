@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import linecache
 import os
 import re
 import secrets
@@ -41,7 +42,6 @@ from captioner.generate import Decoding
 from captioner.models.mapper import MAPPERS
 from captioner.module import CaptionModule
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub retries: absent weights fail at once (models/hub.py)
 # run directories are named `<time>_${run_id:}`: a random suffix keeps two runs started in the same
 # second apart (conf/hydra/default.yaml)
 OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
@@ -54,7 +54,9 @@ OmegaConf.register_new_resolver("cpus", lambda most: min(int(most), len(os.sched
 LAUNCH_DIR = "CAPTIONER_LAUNCH_DIR"
 OmegaConf.register_new_resolver("launch_dir", lambda: os.environ.get(LAUNCH_DIR) or os.getcwd(), replace=True)
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# an installed package carries the configs as captioner/conf; a checkout has them beside the package
+CONF_DIR = str(next(d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parents[1] / "conf")
+                    if d.is_dir()))
 PLAIN = (int, float, bool, str)
 # arguments the module computes and passes itself, never config keys
 MAPPER_DIMENSIONS = ("in_dim", "token_dim", "embed_dim", "prefix_length", "num_tokens")
@@ -221,11 +223,37 @@ def quote_brace_ranges(argv: list[str]) -> list[str]:
     return [f"{m[1]}='{m[2]}'" if (m := BRACE_RANGE.match(a)) and "'" not in m[2] else a for a in argv]
 
 
+def reported(error: BaseException) -> bool:
+    """Whether `error` comes from a `raise` statement in captioner's own code: a ValueError captioner raises
+    names a setting or an input it refuses, while one raised anywhere else (a library, `int("x")`, a failed
+    unpacking) is a bug, whose traceback the user and the report need."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    if not tb.tb_frame.f_globals.get("__name__", "").startswith("captioner."):
+        return False
+    return linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise ")
+
+
+def usage(config_name: str) -> str:
+    """The commands a config file opens with (its leading comment lines), which `--help` prints above
+    Hydra's list of config groups and options."""
+    lines = []
+    for line in (Path(CONF_DIR) / f"{config_name}.yaml").read_text().splitlines():
+        if not line.startswith("#") or line.startswith("# @package"):
+            break
+        lines.append(line[1:].removeprefix(" "))
+    return "\n".join(["usage (Hydra overrides key=value, group=option; -m sweeps; --cfg job prints the config):", *lines, ""])
+
+
 def hydra_main(config_name: str) -> Callable:
     """`hydra.main` for captioner's entry points. Bad input exits with status 2 and one line on
     stderr, no traceback: an unknown option or key, a wrong type (at composition), a value `check`
     refuses, and the errors captioner raises about what it was given (a missing file, a stale cache,
-    absent weights, a ValueError naming a setting). `HYDRA_FULL_ERROR=1` shows the traceback."""
+    absent weights, a ValueError naming a setting). Any other error is a bug and keeps its traceback;
+    `HYDRA_FULL_ERROR=1` shows the traceback of every error."""
     import hydra
 
     from captioner.callbacks import NonFiniteError
@@ -233,7 +261,7 @@ def hydra_main(config_name: str) -> Callable:
     from captioner.data.manifest import CompleteStoreError, StaleStoreError
     from captioner.models.hub import MissingWeightsError
 
-    user_errors = (ConfigError, ValueError, FileNotFoundError, StaleStoreError, CompleteStoreError, MissingWeightsError,
+    user_errors = (ConfigError, FileNotFoundError, StaleStoreError, CompleteStoreError, MissingWeightsError,
                    DiskFullError, NonFiniteError, MissingMandatoryValue)
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
@@ -248,7 +276,7 @@ def hydra_main(config_name: str) -> Callable:
             except Exception as error:
                 # `instantiate` wraps what a constructor raised (absent weights, a missing file): report that
                 cause = error.__cause__ if isinstance(error, InstantiationException) else error
-                if full or not isinstance(cause, user_errors):
+                if full or not (isinstance(cause, user_errors) or (isinstance(cause, ValueError) and reported(cause))):
                     raise
                 # the whole message: some run over lines (a list of unreadable images, then what to do).
                 # Exiting also ends a multirun at its first job: the next jobs would fail the same way
@@ -260,6 +288,8 @@ def hydra_main(config_name: str) -> Callable:
         def main():
             os.environ.setdefault(LAUNCH_DIR, os.getcwd())
             sys.argv[1:] = quote_brace_ranges(sys.argv[1:])
+            if {"--help", "-h"} & set(sys.argv[1:]):
+                print(usage(config_name))
             run = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(checked)
             if full:
                 return run()

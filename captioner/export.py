@@ -1,4 +1,4 @@
-"""python -m captioner.export ckpt=PATH [out=DIR]: a trained model as files that are safe to share.
+"""python -m captioner.export ckpt=PATH [out=DIR] (conf/export.yaml): a trained model as files that are safe to share.
 
 DIR (default: `export/` beside the checkpoints folder) receives
     model.safetensors  the trainable weights, and any frozen part built at random (it has no other source);
@@ -19,12 +19,13 @@ import json
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from captioner.checkpoint import CONFIG, WEIGHTS, load_module, read_checkpoint
+from captioner.config import ConfigError, hydra_main
 from captioner.models.decoder import tokenizer_files
 
 _UMASK = os.umask(0)
@@ -124,24 +125,14 @@ def _swap_in(temp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-USAGE = "usage: python -m captioner.export ckpt=outputs/.../checkpoints/last.ckpt [out=DIR]"
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(f"{USAGE}\n\n{__doc__}")
-        return
-    args = dict(a.split("=", 1) for a in argv if "=" in a)
-    if "ckpt" not in args or set(args) - {"ckpt", "out"} or len(args) != len(argv):
-        raise SystemExit(USAGE)
-    try:  # a missing or foreign checkpoint: one line, no traceback
-        out = export(args["ckpt"], args.get("out"))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e} (ckpt=)", file=sys.stderr)
-        sys.exit(2)
+@hydra_main("export")
+def main(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        raise ConfigError("ckpt= is missing: name the checkpoint to export, e.g. "
+                          "ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt")
+    out = export(cfg.ckpt, cfg.out)
     size = (out / WEIGHTS).stat().st_size / 2**20
-    print(f"exported {args['ckpt']} -> {out} ({WEIGHTS}: {size:.1f} MiB, {CONFIG}, tokenizer/)")
+    print(f"exported {cfg.ckpt} -> {out} ({WEIGHTS}: {size:.1f} MiB, {CONFIG}, tokenizer/)")
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ class Report:
         return None if self.human is None else _percent_of(self.model, self.human)
 
     def to_dict(self) -> dict:
-        """`scores.json`: {"model", "human", "percent_of_human"[, "fair"][, "unavailable"], *sections}."""
+        """`scores.json`: `{"model", "human", "percent_of_human"[, "fair"][, "unavailable"], *sections}`."""
         out: dict = {"model": self.model}
         if self.human is not None:
             out.update(human=self.human, percent_of_human=self.percent_of_human)

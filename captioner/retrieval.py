@@ -93,7 +93,7 @@ class RetrievalModule(CaptionModule):
         super().__init__(**caption_module)
         retrieval = dict(retrieval or {})
         if not retrieval.get("datastore"):
-            raise ValueError("retrieval needs a datastore: set model.retrieval.datastore=DIR (built by python -m captioner.retrieval)")
+            raise ValueError("retrieval needs a datastore: set model.retrieval.datastore=DIR (experiment=retrieval builds one from the training captions)")
         self.k = int(retrieval.get("k", 4))
         self.save_hyperparameters({**self.hparams, "retrieval": {"k": self.k, "datastore": str(retrieval["datastore"])}})
         self._datastore: Datastore | None = None

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from captioner import api
 from captioner.api import Captioner
 from conftest import scenes
 
@@ -40,11 +41,23 @@ def test_a_batch_equals_one_image_at_a_time(captioner):
     assert captioner.caption(images, batch_size=2) == one_by_one
 
 
-def test_decoding_options_reach_the_decoder(captioner):
+def test_decoding_options_reach_the_decoder(captioner, monkeypatch):
     image = Image.new("RGB", (64, 64), (40, 170, 60))
     short = captioner.caption(image, max_new_tokens=2)
     assert len(short.split()) <= 2  # two tokens: two words at most
-    assert isinstance(captioner.caption(image, strategy="beam", num_beams=3), str)
+    seen = []
+    decode = api.generate
+
+    def spy(decoder, tokenizer, prefix, decoding):  # the real decoder, recording what it was asked and wrote
+        texts = decode(decoder, tokenizer, prefix, decoding)
+        seen.append((decoding, texts))
+        return texts
+
+    monkeypatch.setattr(api, "generate", spy)
+    beam = captioner.caption(image, strategy="beam", num_beams=3, length_penalty=0.5)
+    [(decoding, texts)] = seen
+    assert (decoding.strategy, decoding.num_beams, decoding.length_penalty) == ("beam", 3, 0.5)
+    assert [beam] == list(texts)  # the caption is the one beam search wrote
     with pytest.raises(ValueError, match="use at most 56"):  # smoke GPT-2: 64 positions, prefix 8
         captioner.caption(image, max_new_tokens=60)
     with pytest.raises(ValueError, match="unknown decoding option"):

@@ -1,14 +1,18 @@
-"""The commands as a user runs them: bad config values are one line naming the key and what is allowed,
-every `--help` answers, and a smoke run prints none of the warnings a user could not act on."""
+"""The commands as a user runs them: bad config values are one line naming the key and what is allowed
+while a bug keeps its traceback, every entry point follows one convention and lists its options with
+`--help`, none sets HF_HUB_OFFLINE, budgets stay with the config they belong to, and a smoke run prints
+none of the warnings a user could not act on."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import ROOT
 
@@ -38,11 +42,91 @@ def test_a_bad_config_value_is_one_line_naming_the_key_and_what_is_allowed(overr
     assert not (tmp_path / "config.yaml").exists()  # refused before the run started
 
 
+def entry_source(entry: str) -> str:
+    return (ROOT / "captioner" / f"{entry}.py").read_text()
+
+
+def test_the_entry_point_list_is_every_runnable_module():
+    runnable = {p.stem for p in (ROOT / "captioner").glob("*.py") if 'if __name__ == "__main__"' in p.read_text()}
+    assert runnable == set(ENTRY_POINTS)
+
+
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
-def test_every_entry_point_answers_help(entry):
+def test_every_entry_point_follows_one_convention(entry):
+    """Hydra for commands of settings, argparse for commands of files; nobody parses key=value by hand."""
+    source = entry_source(entry)
+    assert ("@hydra_main(" in source) != ("argparse.ArgumentParser(" in source), entry
+    assert "sys.argv" not in source, entry  # arguments come from Hydra or argparse, never read by hand
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_answers_help_with_its_options(entry):
     done = command("-m", f"captioner.{entry}", "--help", timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "usage" in done.stdout.lower() or "== Config ==" in done.stdout or "Powered by Hydra" in done.stdout, done.stdout[:500]
+    source = entry_source(entry)
+    if "@hydra_main(" in source:
+        config = source.split('@hydra_main("', 1)[1].split('"', 1)[0]
+        text = (ROOT / "conf" / f"{config}.yaml").read_text()
+        commands = [line for line in text.splitlines() if line.startswith(f"# python -m captioner.{entry}")]
+        assert commands and all(c[2:] in done.stdout for c in commands), done.stdout[:800]  # what it is for
+        own = [k for k in yaml.safe_load(text) if k not in ("defaults", "hydra")]
+        assert "== Config ==" in done.stdout and all(f"\n{k}:" in done.stdout for k in own), done.stdout[-1500:]
+    else:
+        options = re.findall(r'add_argument\("((?:--)?[a-z][\w-]*)"', source)
+        hidden = re.findall(r'add_argument\("(--[\w-]+)"[^\n]*SUPPRESS', source)
+        assert options and done.stdout.startswith("usage:"), done.stdout[:500]
+        assert all(o in done.stdout for o in options if o not in hidden), done.stdout
+
+
+def test_no_entry_point_sets_hf_hub_offline():
+    """Names download where the hub is reachable: only the tests and CI set HF_HUB_OFFLINE."""
+    sources = [*(ROOT / "captioner").rglob("*.py"), *(ROOT / "bench").glob("*.py"), ROOT / "Makefile"]
+    setting = re.compile(r"""environ\[\s*["']HF_HUB_OFFLINE["']\s*\]\s*=(?!=)|(setdefault|putenv)\(\s*["']HF_HUB_OFFLINE"""
+                         r"""|["']HF_HUB_OFFLINE["']\s*:|\bHF_HUB_OFFLINE\s*=\s*["']|^\s*export\s+HF_HUB_OFFLINE""", re.M)
+    assert [str(p) for p in sources if setting.search(p.read_text())] == []
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    modules = ", ".join(repr(f"captioner.{e}") for e in ENTRY_POINTS)
+    done = subprocess.run([sys.executable, "-c", f"import importlib, os\nfor m in [{modules}]: importlib.import_module(m)\n"
+                           "print(os.environ.get('HF_HUB_OFFLINE'))"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "None"
+
+
+def test_a_gpu_coco_config_carries_none_of_the_embedded_defaults_budget():
+    done = command("-m", "captioner.train", "data=coco", "model=clipcap", "trainer=gpu", "--cfg", "job", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trainer = yaml.safe_load(done.stdout)["trainer"]
+    assert trainer["max_time"] is None and trainer["max_epochs"] is None, trainer
+    embedded = yaml.safe_load(command("-m", "captioner.train", "--cfg", "job", timeout=300).stdout)["trainer"]
+    assert (embedded["max_epochs"], embedded["max_time"]) == (5, "00:00:06:00")  # the embedded default keeps its own
+
+
+def _run_task(task, monkeypatch) -> SystemExit:
+    """`task` run as a Hydra entry point of conf/export.yaml would be: what the user sees when it fails."""
+    from captioner.config import hydra_main
+
+    monkeypatch.setattr(sys, "argv", ["captioner.export", "ckpt=x"])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        hydra_main("export")(task)()
+    return exited.value
+
+
+def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    from captioner.models.mapper import build_mapper
+
+    def refused(cfg):  # captioner refuses a value: one line naming it
+        build_mapper("bogus", feature_dim=4, token_dim=4, num_tokens=1, embed_dim=4, prefix_length=1)
+
+    def bug(cfg):  # a ValueError no check of captioner's raised: a bug, whose traceback is the report
+        json.loads("{not json")
+
+    assert _run_task(refused, monkeypatch).code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: unknown mapper 'bogus'") and "Traceback" not in err, err
+    assert _run_task(bug, monkeypatch).code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "JSONDecodeError" in err and "json.loads" in err, err
 
 
 # the messages that used to open every run, none of which the user can do anything about

@@ -80,9 +80,17 @@ def test_two_runs_started_in_the_same_second_get_different_directories(tmp_path)
 
 
 @pytest.mark.parametrize("debug", sorted(p.stem for p in (CONF / "debug").glob("*.yaml")))
-def test_every_debug_config_composes_with_the_smoke_experiment(debug, tmp_path):
-    cfg = compose_train(tmp_path, tmp_path, ["experiment=smoke", f"debug={debug}"])
-    assert cfg.task_name == "debug" and cfg.trainer._target_ == "lightning.Trainer"
+def test_every_debug_config_sets_its_flags_over_the_experiment(debug, tmp_path):
+    """What a debug config sets reaches the Trainer as it says, whatever the experiment and budget set."""
+    own = OmegaConf.load(CONF / "debug" / f"{debug}.yaml")
+    for experiment in ("smoke", "coco_attn"):
+        cfg = compose_train(tmp_path, tmp_path, [f"experiment={experiment}", f"debug={debug}"])
+        assert cfg.task_name == "debug"
+        for key, value in own.trainer.items():
+            assert cfg.trainer[key] == value, (experiment, key)
+        if "score" in own:
+            assert cfg.score == own.score
+        assert cfg.trainer._target_ == "lightning.Trainer"
 
 
 def _as_typed(cwd, data_dir, *overrides: str) -> subprocess.CompletedProcess:
