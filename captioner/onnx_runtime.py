@@ -1,0 +1,113 @@
+"""ONNX Runtime inference of an export's graphs (captioner/onnx_graphs.py), decoded by captioner/generate.py.
+
+    Captioner.from_pretrained("export/", engine="onnx").caption("photo.jpg", strategy="beam", num_beams=3)
+
+`OnnxModule` stands where the API holds a CaptionModule: `features` runs encoder.onnx, `mapper` runs
+mapper.onnx, and `decoder` (`OrtDecoder`) answers the two calls captioner/generate.py makes of a decoder
+(a prefill on the prefix embeddings, a step on one token per row) by running the prefill and step graphs
+and writing their keys and values into generate's own cache. So greedy, beam and sampled decoding are
+generate.py's loops, beam bookkeeping and cache reordering included, with every `Decoding` option; only
+`engine="hf"` (transformers' generate) has no ONNX form.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from lightning.fabric.utilities.data import AttributeDict
+
+from captioner.generate import generate
+from captioner.models.decoder import load_tokenizer
+from captioner.onnx_graphs import FOLDER, MANIFEST
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def _session(path: Path, device: str, threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=PROVIDERS[device])
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float32).contiguous().numpy() if x.is_floating_point() else x.detach().cpu().contiguous().numpy()
+
+
+class OrtDecoder:
+    """The decoder calls captioner/generate.py makes, answered by ONNX Runtime; the cache stays generate's."""
+
+    dtype = torch.float32  # the graphs are fp32
+
+    def __init__(self, prefill, step, max_positions: int):
+        self.prefill, self.step = prefill, step
+        self.config = SimpleNamespace(n_positions=max_positions)
+
+    def modules(self):  # no PyTorch layers (the API looks for int8 ones)
+        return iter(())
+
+    def __call__(self, *, cache, inputs_embeds: torch.Tensor | None = None, input_ids: torch.Tensor | None = None, **_):
+        if inputs_embeds is not None:  # the prefill: (B, P, D) -> logits of the next token
+            logits, keys, values = self.prefill.run(None, {"prefix": _numpy(inputs_embeds)})
+        else:  # a step: one token per row at the position after the cache's last
+            rows, past = input_ids.shape[0], cache.get_seq_length()
+            feed = {"tokens": _numpy(input_ids), "positions": np.full((rows, 1), past, dtype=np.int64),
+                    "past_keys": _numpy(torch.stack([layer.keys for layer in cache.layers])),  # (layers, N, H, T, d)
+                    "past_values": _numpy(torch.stack([layer.values for layer in cache.layers]))}
+            logits, keys, values = self.step.run(None, feed)
+        for i in range(keys.shape[0]):  # generate's cache keeps them: its beam reordering applies as it does for PyTorch
+            cache.update(torch.from_numpy(keys[i]), torch.from_numpy(values[i]), i)
+        return SimpleNamespace(logits=torch.from_numpy(logits)[:, None])  # (N, 1, V), as logits_to_keep=1 gives
+
+    def generate(self, *args, **kwargs):
+        raise ValueError("decoding engine 'hf' is transformers' generate, which needs the PyTorch decoder: use engine=cached with ONNX Runtime")
+
+
+class OnnxModule:
+    """What the API reads of a CaptionModule, from an export directory's ONNX graphs and tokenizer."""
+
+    def __init__(self, directory: str | Path, device: str = "cpu", threads: int | None = None):
+        directory = Path(directory)
+        folder = directory / FOLDER
+        if not (folder / MANIFEST).is_file():
+            raise FileNotFoundError(f"{directory} holds no ONNX graphs ({FOLDER}/{MANIFEST}): export with "
+                                    f"`python -m captioner.export ckpt=... out={directory} onnx=true`")
+        if str(device) not in PROVIDERS:
+            raise ValueError(f"engine=onnx runs on {sorted(PROVIDERS)}, not {device!r}")
+        manifest = json.loads((folder / MANIFEST).read_text())
+        sessions = {name: _session(folder / file, str(device), threads) for name, file in manifest["graphs"].items()}
+        self._encoder, self._mapper = sessions["encoder"], sessions["mapper"]
+        self.decoder = OrtDecoder(sessions["decoder_prefill"], sessions["decoder_step"], manifest["max_positions"])
+        self.tokenizer = load_tokenizer(str(directory / "tokenizer"))
+        config = json.loads((directory / "config.json").read_text())
+        self.hparams = AttributeDict(config["hyper_parameters"])
+        import clip
+
+        self.encoder = SimpleNamespace(resolution=manifest["resolution"], preprocess=clip.clip._transform(manifest["resolution"]))
+        self.mapper = self._map
+
+    def to(self, device) -> "OnnxModule":  # the sessions were placed when they were made
+        return self
+
+    def eval(self) -> "OnnxModule":
+        return self
+
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.from_numpy(self._encoder.run(None, {"pixels": _numpy(batch["pixels"])})[0])
+
+    def _map(self, features: torch.Tensor, return_attention: bool = False) -> torch.Tensor:
+        return torch.from_numpy(self._mapper.run(None, {"features": _numpy(features)})[0])  # (B, P, D)
+
+    def caption_features(self, batch: dict[str, torch.Tensor], decoding) -> list[str]:
+        """Captions for stored features (evaluation's path): the mapper's input key, as the DataModule serves it."""
+        key = "patch_tokens" if self.hparams.get("mapper", {}).get("name", "attention") == "attention" else "clip_features"
+        features = batch[key]
+        if self.hparams.get("normalize_features", True):
+            features = torch.nn.functional.normalize(features, dim=-1)
+        return generate(self.decoder, self.tokenizer, self._map(features), decoding)
