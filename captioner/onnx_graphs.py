@@ -104,10 +104,11 @@ def unsupported(module) -> str | None:
 @torch.no_grad()
 def export_onnx(module, out: str | Path) -> Path:
     """The four graphs of `module` (a CaptionModule, fp32, CPU) in `out`/onnx/; returns that folder."""
-    reason = unsupported(module)
+    reason = unsupported(module) or next((f"{name} is {p.dtype} on {p.device}: export an fp32 model on the CPU"
+                                          for name, p in module.named_parameters() if p.dtype != torch.float32 or p.device.type != "cpu"), None)
     if reason:
         raise ValueError(f"cannot export to ONNX: {reason}")
-    module = module.float().cpu().eval()
+    module.eval()
     folder = Path(out) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     resolution = module.encoder.resolution

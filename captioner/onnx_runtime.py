@@ -69,40 +69,47 @@ class OrtDecoder:
         raise ValueError("decoding engine 'hf' is transformers' generate, which needs the PyTorch decoder: use engine=cached with ONNX Runtime")
 
 
-class OnnxModule:
-    """What the API reads of a CaptionModule, from an export directory's ONNX graphs and tokenizer."""
+class OnnxGraphs:
+    """The four graphs of an `onnx/` folder in ONNX Runtime sessions: `features`, `mapper`, `decoder`."""
 
-    def __init__(self, directory: str | Path, device: str = "cpu", threads: int | None = None):
-        directory = Path(directory)
-        folder = directory / FOLDER
+    def __init__(self, folder: str | Path, device: str = "cpu", threads: int | None = None):
+        folder = Path(folder)
         if not (folder / MANIFEST).is_file():
-            raise FileNotFoundError(f"{directory} holds no ONNX graphs ({FOLDER}/{MANIFEST}): export with "
-                                    f"`python -m captioner.export ckpt=... out={directory} onnx=true`")
+            raise FileNotFoundError(f"{folder.parent} holds no ONNX graphs ({FOLDER}/{MANIFEST}): export with "
+                                    f"`python -m captioner.export ckpt=... out={folder.parent} onnx=true`")
         if str(device) not in PROVIDERS:
             raise ValueError(f"engine=onnx runs on {sorted(PROVIDERS)}, not {device!r}")
-        manifest = json.loads((folder / MANIFEST).read_text())
-        sessions = {name: _session(folder / file, str(device), threads) for name, file in manifest["graphs"].items()}
+        self.manifest = json.loads((folder / MANIFEST).read_text())
+        sessions = {name: _session(folder / file, str(device), threads) for name, file in self.manifest["graphs"].items()}
         self._encoder, self._mapper = sessions["encoder"], sessions["mapper"]
-        self.decoder = OrtDecoder(sessions["decoder_prefill"], sessions["decoder_step"], manifest["max_positions"])
-        self.tokenizer = load_tokenizer(str(directory / "tokenizer"))
-        config = json.loads((directory / "config.json").read_text())
-        self.hparams = AttributeDict(config["hyper_parameters"])
-        import clip
-
-        self.encoder = SimpleNamespace(resolution=manifest["resolution"], preprocess=clip.clip._transform(manifest["resolution"]))
+        self.decoder = OrtDecoder(sessions["decoder_prefill"], sessions["decoder_step"], self.manifest["max_positions"])
         self.mapper = self._map
-
-    def to(self, device) -> "OnnxModule":  # the sessions were placed when they were made
-        return self
-
-    def eval(self) -> "OnnxModule":
-        return self
 
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.from_numpy(self._encoder.run(None, {"pixels": _numpy(batch["pixels"])})[0])
 
     def _map(self, features: torch.Tensor, return_attention: bool = False) -> torch.Tensor:
         return torch.from_numpy(self._mapper.run(None, {"features": _numpy(features)})[0])  # (B, P, D)
+
+
+class OnnxModule(OnnxGraphs):
+    """What the API reads of a CaptionModule, from an export directory's ONNX graphs, config and tokenizer."""
+
+    def __init__(self, directory: str | Path, device: str = "cpu", threads: int | None = None):
+        directory = Path(directory)
+        super().__init__(directory / FOLDER, device, threads)
+        self.tokenizer = load_tokenizer(str(directory / "tokenizer"))
+        self.hparams = AttributeDict(json.loads((directory / "config.json").read_text())["hyper_parameters"])
+        import clip
+
+        resolution = self.manifest["resolution"]
+        self.encoder = SimpleNamespace(resolution=resolution, preprocess=clip.clip._transform(resolution))  # CLIP's, as ClipEncoder's
+
+    def to(self, device) -> "OnnxModule":  # the sessions were placed when they were made
+        return self
+
+    def eval(self) -> "OnnxModule":
+        return self
 
     def caption_features(self, batch: dict[str, torch.Tensor], decoding) -> list[str]:
         """Captions for stored features (evaluation's path): the mapper's input key, as the DataModule serves it."""
