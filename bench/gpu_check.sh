@@ -88,14 +88,14 @@ stage "user weights" "$PYTHON" bench/user_weights.py --out "$W" --tokenizer "$TO
 COMMON=(experiment=coco_attn data=karpathy
         "data.splits.train.file=$DATA/annotations/dataset_coco_mini_karpathy_format.json" "data.splits.train.images=$DATA/images"
         "data.cache_dir=$OUT/features" data.num_workers=2 "data.pin_memory=$PIN" "data.batch_size=$BATCH"
-        "model.encoder=$W/ViT-B-32.pt" "model.decoder=$W/gpt2" "model.tokenizer=$W/gpt2" model.adamw=fused
+        "model.encoder=$W/ViT-B-32.pt" "model.decoder=$W/gpt2" "model.tokenizer=$W/gpt2"
         $TRAINER logger=csv)
-TRAIN=("trainer.max_steps=$STEPS" trainer.limit_val_batches=1 model.val_cider_images=4 "model.val_decoding.max_new_tokens=$TOKENS"
+TRAIN=(+model.adamw=fused "trainer.max_steps=$STEPS" trainer.limit_val_batches=1 model.val_cider_images=4 "model.val_decoding.max_new_tokens=$TOKENS"
        score=false score_meteor=false)
 stage "extract" "$PYTHON" -m captioner.extract "${COMMON[@]}" "hydra.run.dir=$OUT/extract"
 stage "train (bf16-mixed, fused AdamW, pinned memory)" "$PYTHON" -m captioner.train "${COMMON[@]}" "${TRAIN[@]}" "hydra.run.dir=$OUT/train"
 if [ "$DEVICE" = cuda ]; then  # torch.compile on a CPU takes minutes of C++ compilation for a few steps
-  stage "train (model.compile=true)" "$PYTHON" -m captioner.train "${COMMON[@]}" "${TRAIN[@]}" model.compile=true "hydra.run.dir=$OUT/train_compiled"
+  stage "train (model.compile=true)" "$PYTHON" -m captioner.train "${COMMON[@]}" "${TRAIN[@]}" +model.compile=true "hydra.run.dir=$OUT/train_compiled"
 fi
 CKPT=$OUT/train/checkpoints/last.ckpt
 stage "evaluate (test split)" "$PYTHON" -m captioner.evaluate "ckpt_path=$CKPT" split=test "device=$DEVICE" decoding.strategy=beam \

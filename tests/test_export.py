@@ -38,7 +38,7 @@ def test_exported_model_reloads_and_captions_identically(trained, tmp_path):
     ckpt, cfg = trained
     export_main([f"ckpt={ckpt}", f"out={tmp_path / 'export'}"])
     export = tmp_path / "export"
-    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
+    assert sorted(p.name for p in export.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer"]
     config = json.loads((export / "config.json").read_text())
     assert config["hyper_parameters"]["mapper"]["name"] == "attention" and config["global_step"] == 2
     weights = load_file(export / "model.safetensors")

@@ -38,3 +38,20 @@ def test_the_gpu_check_refuses_a_wrong_device_or_missing_data_in_one_line(tmp_pa
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_bf16_mixed_training_with_fused_adamw_clips_gradients(tmp_path, data_dir, monkeypatch):
+    """trainer=gpu's combination (bf16-mixed, fused AdamW, conf/trainer's gradient clipping), on the CPU."""
+    import torch
+
+    from captioner.train import run
+    from conftest import compose_train
+
+    clipped = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, *a, **kw: clipped.append(max_norm) or real(params, max_norm, *a, **kw))
+    cfg = compose_train(tmp_path / "run", data_dir, ["experiment=smoke", "debug=limit", "score=false", "trainer.precision=bf16-mixed",
+                                                     "+model.adamw=fused"])
+    run(cfg)
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert clipped and set(clipped) == {cfg.trainer.gradient_clip_val}  # every step clipped at the configured norm
