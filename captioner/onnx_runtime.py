@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.data import AttributeDict
 
-from captioner.generate import generate
 from captioner.models.decoder import load_tokenizer
 from captioner.onnx_graphs import FOLDER, MANIFEST
 
@@ -110,11 +109,3 @@ class OnnxModule(OnnxGraphs):
 
     def eval(self) -> "OnnxModule":
         return self
-
-    def caption_features(self, batch: dict[str, torch.Tensor], decoding) -> list[str]:
-        """Captions for stored features (evaluation's path): the mapper's input key, as the DataModule serves it."""
-        key = "patch_tokens" if self.hparams.get("mapper", {}).get("name", "attention") == "attention" else "clip_features"
-        features = batch[key]
-        if self.hparams.get("normalize_features", True):
-            features = torch.nn.functional.normalize(features, dim=-1)
-        return generate(self.decoder, self.tokenizer, self._map(features), decoding)

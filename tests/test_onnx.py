@@ -22,6 +22,14 @@ def onnx_export(distinct_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def small_export(embedded_ckpt, tmp_path_factory):
+    """The embedded default's seconds-long smoke checkpoint, exported with its graphs (for the logits check)."""
+    out = tmp_path_factory.mktemp("onnx_small") / "export"
+    export_main([f"ckpt={embedded_ckpt}", f"out={out}", "onnx=true"])
+    return out
+
+
+@pytest.fixture(scope="module")
 def images(distinct_ckpt, data_dir):
     """The trained model's test split and five scenes it must tell apart: 21 images."""
     from captioner.data.images import load_image
@@ -32,9 +40,9 @@ def images(distinct_ckpt, data_dir):
                                                    "row of three", "green above red")
 
 
-def test_the_graphs_give_pytorchs_logits_through_prefill_and_steps(onnx_export):
-    module = load_module(onnx_export)
-    engine = Captioner.from_pretrained(onnx_export, engine="onnx").module
+def test_the_graphs_give_pytorchs_logits_through_prefill_and_steps(small_export):
+    module = load_module(small_export)
+    engine = Captioner.from_pretrained(small_export, engine="onnx").module
     from transformers import DynamicCache
 
     pixels = torch.randn(3, 3, module.encoder.resolution, module.encoder.resolution)
@@ -75,11 +83,11 @@ def test_the_cli_captions_with_onnx_runtime(onnx_export, images, tmp_path):
     assert [r["caption"] for r in rows] == expected
 
 
-def test_what_does_not_export_says_so(onnx_export, tmp_path):
+def test_what_does_not_export_says_so(small_export, tmp_path):
     with pytest.raises(ValueError, match="engine 'hf'"):
-        Captioner.from_pretrained(onnx_export, engine="onnx").caption(scenes("large red circle")[0], engine="hf")
+        Captioner.from_pretrained(small_export, engine="onnx").caption(scenes("large red circle")[0], engine="hf")
     with pytest.raises(ValueError, match="drop int8"):
-        Captioner.from_pretrained(onnx_export, engine="onnx", int8=True)
+        Captioner.from_pretrained(small_export, engine="onnx", int8=True)
     plain = tmp_path / "plain"
     plain.mkdir()
     with pytest.raises(FileNotFoundError, match="onnx=true"):
