@@ -1,4 +1,4 @@
-"""Decoding speed on CPU: ours (KV cache, batched; fp32, prepacked fp32, int8) vs a ClipCap-style loop and HF generate.
+"""Decoding speed on CPU: ours (KV cache, batched; fp32, prepacked fp32, int8, ONNX Runtime) vs a ClipCap-style loop and HF generate.
 
     python bench/decode.py                       # full-size ViT-B/32 + GPT-2 124M, random weights, 2 threads
     python bench/decode.py --decoder smollm2-135m  # the same with a Llama decoder of SmolLM2-135M's shape
@@ -10,6 +10,9 @@ anyway) and is timed end to end, image pixels to caption, median of `--runs` aft
 The ClipCap-style loop is rmokady/CLIP_prefix_caption's `generate_beam` / `generate2`: one image
 at a time, the whole sequence recomputed at every step (no KV cache). It is written out here
 because transformers 5's `generate(use_cache=False)` still caches.
+The ONNX Runtime row runs the same model's graphs (captioner/onnx_graphs.py, exported here into a
+temporary folder) through the same decoding loop (captioner/onnx_runtime.py); its share of the peak
+is the PyTorch fp32 method's counted work over its own time (the dispatch counter sees no ORT kernel).
 """
 
 from __future__ import annotations
@@ -102,6 +105,23 @@ def ours(module, pixels: torch.Tensor, decoding: Decoding) -> list[list[int]]:
 
 WARMUP = 1  # untimed first calls per method (--warmup)
 PACKED = "ours, prepacked, fp32 (the API's fp32 CPU default)"
+ONNX = "ONNX Runtime, fp32 (same loop, work counted as ours fp32)"
+
+
+def onnx_graphs(module, threads: int):
+    """`module` exported to ONNX in a temporary folder and loaded into ONNX Runtime sessions (CPU)."""
+    import tempfile
+
+    from captioner.onnx_graphs import export_onnx
+    from captioner.onnx_runtime import OnnxGraphs
+
+    folder = export_onnx(module, tempfile.mkdtemp(prefix="captioner-onnx-bench-"))
+    return OnnxGraphs(folder, "cpu", threads)
+
+
+@torch.inference_mode()
+def ours_onnx(graphs, tokenizer, pixels: torch.Tensor, decoding: Decoding) -> list[list[int]]:
+    return generate_ids(graphs.decoder, tokenizer, graphs.mapper(graphs.features({"pixels": pixels})), decoding)
 
 
 def interleaved(methods: dict, runs: int, device: str) -> tuple[dict[str, float], dict[str, object]]:
@@ -121,7 +141,7 @@ def interleaved(methods: dict, runs: int, device: str) -> tuple[dict[str, float]
     return {name: statistics.median(t) for name, t in times.items()}, outputs
 
 
-def latency_table(module, int8, packed, pixels, eos, args, console, peak) -> dict[str, float]:
+def latency_table(module, int8, packed, onnx, pixels, eos, args, console, peak) -> dict[str, float]:
     """Batch-1 latency, beam 5 and greedy, every method."""
     results = {}
     for strategy in ("beam", "greedy"):
@@ -139,9 +159,13 @@ def latency_table(module, int8, packed, pixels, eos, args, console, peak) -> dic
         if int8 is not None:
             methods["HF generate (cache), int8"] = lambda: ours(int8, pixels, hf)[0]
             methods["ours, preallocated cache, int8"] = lambda: ours(int8, pixels, d)[0]
+        if onnx is not None:
+            methods[ONNX] = lambda: ours_onnx(onnx, module.tokenizer, pixels, d)[0]
         with console.status(f"{strategy}: {len(methods)} methods x {args.runs} runs, interleaved"):
             times, outputs = interleaved(methods, args.runs, args.device)
-            works = {name: roofline.measure(fn) for name, fn in methods.items()}
+            works = {name: roofline.measure(fn) for name, fn in methods.items() if name != ONNX}
+            if onnx is not None:  # the same model and tokens: the same work as ours in PyTorch fp32
+                works[ONNX] = works["ours, preallocated cache, fp32"]
         reference = outputs["HF generate (cache), fp32"]
         t = Table(title=f"{strategy}{' 5' if strategy == 'beam' else ''}, batch 1, {args.tokens} new tokens: latency image -> caption (median of {args.runs}, interleaved)")
         for column in ("method", "seconds", "x ClipCap loop", "x HF generate fp32", "same tokens as HF fp32", *roofline.COLUMNS):
@@ -154,6 +178,9 @@ def latency_table(module, int8, packed, pixels, eos, args, console, peak) -> dic
         ours32 = PACKED if packed is not None else "ours, preallocated cache, fp32"
         results[f"{strategy}/fp32_vs_hf"] = times[ours32] / times["HF generate (cache), fp32"]
         results[f"{strategy}/fp32_same_tokens"] = outputs[ours32] == reference
+        if onnx is not None:
+            results[f"{strategy}/onnx_vs_ours_fp32"] = times[ONNX] / times[ours32]
+            results[f"{strategy}/onnx_same_tokens"] = outputs[ONNX] == reference
         weights = sum(p.numel() * p.element_size() for p in module.decoder.parameters())  # lm_head is tied to wte: counted once
         floor = args.tokens * weights / (peak.read_gbs * 1e9)
         console.print(f"  floor: GPT-2's {weights / 1e6:.0f} MB of weights read once per step, {args.tokens} steps at {peak.read_gbs:.1f} GB/s = "
@@ -229,6 +256,8 @@ def main() -> None:
     parser.add_argument("--ckpt", help="a trained checkpoint: report int8 and bf16 vs fp32 caption agreement on its test split")
     parser.add_argument("--skip-speed", action="store_true", help="only the --ckpt agreement")
     parser.add_argument("--only", choices=["latency", "throughput"], help="run one of the two speed tables")
+    parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                        help="the ONNX Runtime row in the latency table (CPU only; --no-onnx skips the export)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -245,6 +274,7 @@ def main() -> None:
             mapper={"name": "attention", "num_layers": args.mapper_layers},
         ).eval()
         int8 = quantize_module(module) if args.device == "cpu" else None
+        onnx = onnx_graphs(module, args.threads) if args.device == "cpu" and args.onnx and args.only != "throughput" else None
         packed = prepack_module(module) if args.device == "cpu" and prepack_available() else None
         module = module.to(args.device)
         eos = module.tokenizer.eos_token_id
@@ -254,7 +284,7 @@ def main() -> None:
                       f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
         console.print(peak.line())
         if args.only != "throughput":
-            results = latency_table(module, int8, packed, images[:1], eos, args, console, peak)
+            results = latency_table(module, int8, packed, onnx, images[:1], eos, args, console, peak)
             console.print({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()})
             console.print(f"target: ours fp32 beam 5 <= 0.7x HF generate fp32 with the same tokens -> {results['beam/fp32_vs_hf']:.2f}x, "
                           f"same tokens: {results['beam/fp32_same_tokens']}: {'PASS' if results['beam/fp32_vs_hf'] <= 0.7 and results['beam/fp32_same_tokens'] else 'FAIL'}")

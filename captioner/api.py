@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from captioner import checkpoint, prepack, quantize
+from captioner import checkpoint, hub_repo, prepack, quantize
 from captioner.data.images import ImageLike, to_pil
 from captioner.generate import Decoding, decoding_from
 from captioner.models.encoder import DTYPES, dtype_of
@@ -74,7 +74,7 @@ class Captioner:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", int8: bool = False, precision: str = "fp32",
-                        datastore: str | Path | None = None, prepacked: bool = True) -> "Captioner":
+                        datastore: str | Path | None = None, prepacked: bool = True, engine: str = "torch") -> "Captioner":
         """Load a Lightning checkpoint (`.ckpt`) or an exported safetensors directory.
 
         `int8=True` quantizes GPT-2's and the mapper's Linear layers to int8 for CPU inference
@@ -83,8 +83,19 @@ class Captioner:
         batched matmuls (bench/serve_load.py); the mapper stays fp32. `datastore=DIR` replaces a retrieval
         model's datastore (captioner/retrieval.py): another domain's captions, no retraining.
         In fp32 on the CPU, GPT-2's and the mapper's weights are reordered once into oneDNN's layout
-        (captioner/prepack.py: same captions, faster decoding); `prepacked=False` keeps them as stored."""
+        (captioner/prepack.py: same captions, faster decoding); `prepacked=False` keeps them as stored.
+        `path` may be a Hub repo id (`user/repo`, read through huggingface_hub's cache; captioner/hub_repo.py);
+        `engine="onnx"` runs an export's ONNX graphs in ONNX Runtime instead (captioner/onnx_runtime.py)."""
         dtype_of(precision)  # a wrong name fails before the checkpoint loads
+        path = hub_repo.resolve(path)
+        if engine == "onnx":
+            if int8 or precision != "fp32" or datastore is not None:
+                raise ValueError("engine=onnx runs the exported fp32 graphs: drop int8, precision and datastore")
+            from captioner.onnx_runtime import OnnxModule
+
+            return cls(OnnxModule(path, device), device)
+        if engine != "torch":
+            raise ValueError(f"engine={engine!r}: choose torch or onnx")
         module = load_module(path)
         module.model.merge_adapters()  # LoRA: one plain decoder to quantize, prepack or cast (same logits)
         if datastore is not None:

@@ -83,7 +83,7 @@ class Writer:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m captioner.caption", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or quoted globs such as 'photos/**/*.jpg'")
-    parser.add_argument("--ckpt", required=True, help="a Lightning checkpoint (.ckpt) or an exported safetensors directory")
+    parser.add_argument("--ckpt", required=True, help="a Lightning checkpoint (.ckpt), an exported directory, or a Hub repo id (user/repo)")
     parser.add_argument("-o", "--out", type=Path, help="write rows here (.jsonl or .csv) instead of printing them")
     parser.add_argument("--format", choices=["text", "jsonl", "csv"], help="output format when --out's suffix does not say")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
@@ -94,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--int8", action="store_true", help="int8 dynamic quantization for CPU inference")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="CLIP's and GPT-2's weights (the mapper stays fp32)")
+    parser.add_argument("--engine", choices=["torch", "onnx"], default="torch", help="onnx: an export's ONNX graphs in ONNX Runtime (export with onnx=true)")
     parser.add_argument("--datastore", help="a retrieval model's datastore directory in place of its own (captioner/retrieval.py)")
     return parser.parse_args(argv)
 
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     from captioner.models.hub import MissingWeightsError
 
     try:  # a missing or foreign checkpoint, absent weights: one line, no traceback
-        captioner = Captioner.from_pretrained(args.ckpt, device=args.device, int8=args.int8, precision=args.precision, datastore=args.datastore)
+        captioner = Captioner.from_pretrained(args.ckpt, device=args.device, int8=args.int8, precision=args.precision,
+                                             datastore=args.datastore, engine=args.engine)
     except (FileNotFoundError, ValueError, MissingWeightsError) as e:
         print(f"error: {e} (--ckpt)", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""python -m captioner.export ckpt=PATH [out=DIR] (conf/export.yaml): a trained model as files that are safe to share.
+"""python -m captioner.export ckpt=PATH [out=DIR] [scores=scores.json] [onnx=true] [push_to_hub=user/repo]
+(conf/export.yaml): a trained model as files that are safe to share, laid out as a Hugging Face Hub model repo.
 
 DIR (default: `export/` beside the checkpoints folder) receives
     model.safetensors  the trainable weights, and any frozen part built at random (it has no other source);
@@ -8,9 +9,12 @@ DIR (default: `export/` beside the checkpoints folder) receives
     clip.pt            a CLIP that was a local file (a pretrained tiny CLIP): its state dict, read with weights_only
     tokenizer/         the tokenizer's files (save_pretrained's, or GPT-2's vocab.json + merges.txt), so the
                        directory needs nothing from the training run; LoRA adapters are merged into the decoder
+    README.md          the model card (captioner/model_card.py): architecture, data, config, scores, command
+    onnx/              with onnx=true: the ONNX graphs (captioner/onnx_graphs.py)
 No file can run code on load, unlike a pickled checkpoint. The directory is written under a temporary name
 beside DIR and renamed into place once whole: a crash leaves the previous export as it was, never new
-weights with an old config.
+weights with an old config. push_to_hub=user/repo uploads DIR with huggingface_hub (captioner/hub_repo.py);
+`Captioner.from_pretrained("user/repo")` loads it back.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from captioner import hub_repo, model_card
 from captioner.checkpoint import CONFIG, WEIGHTS, load_module, read_checkpoint
 from captioner.config import ConfigError, hydra_main
 from captioner.models.decoder import tokenizer_files
@@ -87,7 +92,8 @@ def _local_specs(module, out: Path) -> dict:
     return specs
 
 
-def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
+def export(ckpt: str | Path, out: str | Path | None = None, scores: str | Path | None = None, onnx: bool = False,
+           repo_id: str | None = None) -> Path:
     ckpt = Path(ckpt)
     out = Path(out) if out else ckpt.parent.parent / "export"
     step = read_checkpoint(ckpt).get("global_step")  # refuses a code-running pickle before anything else
@@ -109,6 +115,11 @@ def export(ckpt: str | Path, out: str | Path | None = None) -> Path:
         config = {"format": "captioner-export", "version": 1, "source": ckpt.name, "global_step": step,
                   "hyper_parameters": hparams, "rebuilt_from_config": rebuilt}
         (temp / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+        model_card.write(temp, module, ckpt, scores, repo_id)
+        if onnx:
+            from captioner.onnx_graphs import export_onnx
+
+            export_onnx(module, temp)
         _swap_in(temp, out)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
@@ -130,9 +141,12 @@ def main(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise ConfigError("ckpt= is missing: name the checkpoint to export, e.g. "
                           "ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt")
-    out = export(cfg.ckpt, cfg.out)
+    out = export(cfg.ckpt, cfg.out, cfg.scores, cfg.onnx, cfg.push_to_hub)
     size = (out / WEIGHTS).stat().st_size / 2**20
-    print(f"exported {cfg.ckpt} -> {out} ({WEIGHTS}: {size:.1f} MiB, {CONFIG}, tokenizer/)")
+    print(f"exported {cfg.ckpt} -> {out} ({WEIGHTS}: {size:.1f} MiB, {CONFIG}, tokenizer/, README.md"
+          f"{', onnx/' if cfg.onnx else ''})")
+    if cfg.push_to_hub:
+        print(f"pushed {out} -> {hub_repo.push(out, cfg.push_to_hub)}")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,19 @@ class CaptionModule(L.LightningModule):
         # and what rebuilds a decoder that was loaded from a directory (the pretrained tiny decoder in data/)
         checkpoint["decoder_config"] = self.decoder.config.to_dict()
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning refuses to clip for a fused optimizer under any mixed precision, because a fused step unscales
+        # fp16 gradients itself. Under bf16-mixed there is no scaler and the gradients are already true values, so
+        # they are clipped here (trainer=gpu with adamw=fused and conf/trainer's clipping failed at its first step)
+        if gradient_clip_val and optimizer.defaults.get("fused") and getattr(self.trainer.precision_plugin, "scaler", False) is None:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]  # frozen weights never reach the optimizer
         flags = ADAMW[self.hparams.get("adamw", "foreach")]  # older checkpoints have no `adamw`

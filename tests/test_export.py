@@ -38,8 +38,8 @@ def test_exported_model_reloads_and_captions_identically(trained, tmp_path):
     ckpt, cfg = trained
     export_model(ckpt, tmp_path / "export")
     export = tmp_path / "export"
-    # the pretrained tiny CLIP was a local file: the export carries it
-    assert sorted(p.name for p in export.iterdir()) == ["clip.pt", "config.json", "model.safetensors", "tokenizer"]
+    # the pretrained tiny CLIP was a local file: the export carries it; README.md is the model card
+    assert sorted(p.name for p in export.iterdir()) == ["README.md", "clip.pt", "config.json", "model.safetensors", "tokenizer"]
     config = json.loads((export / "config.json").read_text())
     assert config["hyper_parameters"]["mapper"]["name"] == "attention" and config["global_step"] == 2
     weights = load_file(export / "model.safetensors")
