@@ -287,6 +287,12 @@ def hydra_main(config_name: str) -> Callable:
         @functools.wraps(task)
         def main():
             os.environ.setdefault(LAUNCH_DIR, os.getcwd())
+            if any("optuna" in a for a in sys.argv[1:]):
+                # optuna's study notices (INFO) would stand beside a one-line error; the sweeper's own log
+                # says each trial and the best parameters
+                import optuna
+
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
             sys.argv[1:] = quote_brace_ranges(sys.argv[1:])
             if {"--help", "-h"} & set(sys.argv[1:]):
                 print(usage(config_name))

@@ -31,7 +31,8 @@ DOCUMENTED = commands(ROOT)
 SKIPPED = {"network": "it downloads; the tests never reach the internet",
            "cluster": "it needs SLURM or several GPU nodes",
            "full-size": "full-size models: minutes and ~10 GB (docs/results/speed.md has their figures)",
-           "suite": "the test suite itself (.ci/run runs it)"}
+           "suite": "the test suite itself (.ci/run runs it)",
+           "own-test": "a script with a test of its own that runs it whole (named in the page)"}
 FAILS_FAST = ("gpu", "coco", "weights")
 
 
