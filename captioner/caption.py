@@ -11,6 +11,7 @@ import argparse
 import csv
 import glob
 import json
+import os
 import sys
 from pathlib import Path
 

@@ -57,6 +57,7 @@ OmegaConf.register_new_resolver("launch_dir", lambda: os.environ.get(LAUNCH_DIR)
 # an installed package carries the configs as captioner/conf; a checkout has them beside the package
 CONF_DIR = str(next(d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parents[1] / "conf")
                     if d.is_dir()))
+PACKAGE_DIR = Path(__file__).resolve().parent
 PLAIN = (int, float, bool, str)
 # arguments the module computes and passes itself, never config keys
 MAPPER_DIMENSIONS = ("in_dim", "token_dim", "embed_dim", "prefix_length", "num_tokens")
@@ -175,10 +176,6 @@ def check(cfg: DictConfig) -> None:
             continue
         if not test(value):
             raise ConfigError(f"{key}={value!r} is not allowed: use {allowed}")
-    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None, throw_on_missing=False)
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.accelerator={accelerator} needs a GPU and this machine has none: run it on a GPU "
-                          f"machine, or add trainer=cpu")
     for key in DECODING_KEYS:
         options = OmegaConf.select(cfg, key, default=None)
         if options is None:
@@ -191,6 +188,15 @@ def check(cfg: DictConfig) -> None:
             Decoding(**options)
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from None
+
+
+def check_machine(cfg: DictConfig) -> None:
+    """What the config asks of this machine, before any work: a GPU trainer needs a GPU. Separate from
+    `check`, which judges the values alone (a GPU experiment's config is right on any machine)."""
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None, throw_on_missing=False)
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} needs a GPU and this machine has none: run it on a GPU "
+                          f"machine, or add trainer=cpu")
 
 
 def one_line(error: BaseException) -> str:
@@ -232,7 +238,7 @@ def reported(error: BaseException) -> bool:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    if not tb.tb_frame.f_globals.get("__name__", "").startswith("captioner."):
+    if not Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR):  # `python -m` runs as __main__
         return False
     return linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise ")
 
@@ -258,11 +264,12 @@ def hydra_main(config_name: str) -> Callable:
 
     from captioner.callbacks import NonFiniteError
     from captioner.data.disk import DiskFullError
+    from captioner.data.extraction import BadImagesError
     from captioner.data.manifest import CompleteStoreError, StaleStoreError
     from captioner.models.hub import MissingWeightsError
 
     user_errors = (ConfigError, FileNotFoundError, StaleStoreError, CompleteStoreError, MissingWeightsError,
-                   DiskFullError, NonFiniteError, MissingMandatoryValue)
+                   DiskFullError, NonFiniteError, MissingMandatoryValue, BadImagesError)
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
     def decorate(task: Callable) -> Callable:
@@ -272,6 +279,7 @@ def hydra_main(config_name: str) -> Callable:
                 os.environ.pop("HYDRA_FULL_ERROR", None)
             try:
                 check(cfg)
+                check_machine(cfg)
                 return task(cfg)
             except Exception as error:
                 # `instantiate` wraps what a constructor raised (absent weights, a missing file): report that

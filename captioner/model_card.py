@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from captioner.models.decoder import hidden_size
+
 LICENSE = "mit"  # captioner's own; OpenAI CLIP and GPT-2 are MIT-licensed too
 LIMITATIONS = """\
 - English captions only, in the style of the training captions; a model trained on the embedded synthetic
@@ -72,7 +74,7 @@ def build(module, run_dir: Path | None, scores: Mapping | None, repo_id: str | N
 
 An image captioner made with captioner: a frozen CLIP image encoder, a
 **{mapper['name']}** mapper that turns the image features into a prefix of {hp.prefix_length} GPT-2 input
-embeddings, and a GPT-2 decoder{' (frozen)' if hp.freeze_decoder else ''} that writes the caption.
+embeddings, and a {module.decoder.config.model_type} decoder ({module.model.decoder_mode}) that writes the caption.
 
 ## Architecture
 
@@ -80,7 +82,7 @@ embeddings, and a GPT-2 decoder{' (frozen)' if hp.freeze_decoder else ''} that w
 |---|---|
 | image encoder (frozen) | CLIP {_spec(hp.encoder)}, features normalised: {hp.normalize_features} |
 | mapper | {', '.join(f'{k}={v}' for k, v in mapper.items())}, prefix length {hp.prefix_length} |
-| decoder | GPT-2 {_spec(hp.decoder)}, {module.decoder.config.n_layer} layers, width {module.decoder.config.n_embd}{', frozen' if hp.freeze_decoder else ''} |
+| decoder | {module.decoder.config.model_type} {_spec(hp.decoder)}, {module.decoder.config.num_hidden_layers} layers, width {hidden_size(module.decoder)}, {module.model.decoder_mode} |
 | parameters | {total:,} ({trainable:,} trained) |
 
 ## Training data

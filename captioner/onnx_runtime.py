@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.data import AttributeDict
 
+from captioner.generate import generate
 from captioner.models.decoder import load_tokenizer
 from captioner.onnx_graphs import FOLDER, MANIFEST
 
@@ -103,6 +104,12 @@ class OnnxModule(OnnxGraphs):
 
         resolution = self.manifest["resolution"]
         self.encoder = SimpleNamespace(resolution=resolution, preprocess=clip.clip._transform(resolution))  # CLIP's, as ClipEncoder's
+        self.model = self  # the API's model core too: features, mapper, decoder and generate
+        self.max_new_tokens = self.manifest["max_positions"] - int(self.hparams["prefix_length"])
+
+    def generate(self, prefix: torch.Tensor, decoding=None) -> list[str]:
+        """Captions for prefixes (B, P, D): generate.py's decode loops over the ONNX Runtime decoder."""
+        return generate(self.decoder, self.tokenizer, prefix, decoding)
 
     def to(self, device) -> "OnnxModule":  # the sessions were placed when they were made
         return self

@@ -46,14 +46,16 @@ def test_decoding_options_reach_the_decoder(captioner, monkeypatch):
     short = captioner.caption(image, max_new_tokens=2)
     assert len(short.split()) <= 2  # two tokens: two words at most
     seen = []
-    decode = api.generate
+    from captioner.models import caption_model
+
+    decode = caption_model.generate
 
     def spy(decoder, tokenizer, prefix, decoding):  # the real decoder, recording what it was asked and wrote
         texts = decode(decoder, tokenizer, prefix, decoding)
         seen.append((decoding, texts))
         return texts
 
-    monkeypatch.setattr(api, "generate", spy)
+    monkeypatch.setattr(caption_model, "generate", spy)  # where the model core decodes
     beam = captioner.caption(image, strategy="beam", num_beams=3, length_penalty=0.5)
     [(decoding, texts)] = seen
     assert (decoding.strategy, decoding.num_beams, decoding.length_penalty) == ("beam", 3, 0.5)

@@ -80,8 +80,8 @@ def test_a_real_fit_noises_training_batches_only_with_the_configured_statistics(
     trainer = L.Trainer(max_steps=2, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[spy])
     trainer.fit(module, datamodule=datamodule)
-    features = module.features  # how train.py scores the test split (captioner.evaluate, through the Captioner)
-    module.features = lambda batch: spy.seen["test"].append(batch) or features(batch)
+    features = module.model.features  # how train.py scores the test split (captioner.evaluate, through the Captioner's model core)
+    module.model.features = lambda batch: spy.seen["test"].append(batch) or features(batch)
     caption_split(Captioner(module), datamodule, "test", Decoding(strategy="greedy", max_new_tokens=3))
     assert spy.seen["val"] and spy.seen["test"]
     for split in ("val", "test"):  # clean: exactly the stored features

@@ -73,7 +73,7 @@ def test_a_message_that_lists_files_is_printed_whole(tmp_path, monkeypatch, caps
     assert "/d/a.jpg: truncated" in err and "data.bad_images=skip" in err, err
 
 
-def test_caption_and_export_of_a_missing_checkpoint_are_one_line(tmp_path, capsys):
+def test_caption_and_export_of_a_missing_checkpoint_are_one_line(tmp_path, capsys, monkeypatch):
     from captioner import caption, export
     from PIL import Image
 
@@ -81,7 +81,8 @@ def test_caption_and_export_of_a_missing_checkpoint_are_one_line(tmp_path, capsy
     assert caption.main(["--ckpt", str(tmp_path / "nope.ckpt"), str(tmp_path / "a.png")]) == 2
     assert "nope.ckpt does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
-        export.main([f"ckpt={tmp_path / 'nope.ckpt'}"])
+        monkeypatch.setattr(sys, "argv", ["captioner.export", f"ckpt={tmp_path / 'nope.ckpt'}"])  # a Hydra app: the command line
+        export.main()
     assert exit_.value.code == 2
     assert "nope.ckpt does not exist" in capsys.readouterr().err
 
