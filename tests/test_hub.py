@@ -35,7 +35,8 @@ def exported(scored_run, tmp_path_factory) -> Path:
 
 
 def test_the_model_card_carries_the_runs_scores_config_and_command(scored_run, exported):
-    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer"]
+    # the pretrained tiny CLIP was a local file: the export carries it as clip.pt
+    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "clip.pt", "config.json", "model.safetensors", "tokenizer"]
     card = ModelCard.load(exported / "README.md")
     assert card.data.license == "mit" and card.data.pipeline_tag == "image-to-text" and card.data.library_name == "captioner"
     scores = json.loads((scored_run / "scores.json").read_text())
