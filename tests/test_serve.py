@@ -9,6 +9,7 @@ import struct
 import threading
 import time
 import zlib
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -33,10 +34,9 @@ def captioner(distinct_ckpt) -> Captioner:
     return Captioner.from_pretrained(distinct_ckpt)
 
 
-@pytest.fixture(scope="module")
-def server(captioner, distinct_ckpt):
-    """The app under uvicorn in a thread, on a free port; yields its base URL."""
-    app = create_app(captioner, Limits(), model=describe_model(distinct_ckpt))
+@contextmanager
+def serving(app):
+    """The app under uvicorn in a thread on a free port; yields its base URL."""
     config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -45,9 +45,17 @@ def server(captioner, distinct_ckpt):
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{config.port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(captioner, distinct_ckpt):
+    with serving(create_app(captioner, Limits(), model=describe_model(distinct_ckpt))) as url:
+        yield url
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -10,19 +10,17 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from captioner.api import Captioner
 from captioner.web.app import create_app
 from captioner.web.batcher import MicroBatcher
 from captioner.web.identity import describe_model
 from captioner.web.limits import DecodeBudget, Limits
-from test_serve import encode, free_port, png_bomb, scene
+from test_serve import encode, free_port, png_bomb, scene, serving
 
 PNG = encode(scene(), "PNG")
 
@@ -30,24 +28,6 @@ PNG = encode(scene(), "PNG")
 @pytest.fixture(scope="module")
 def captioner(embedded_ckpt) -> Captioner:
     return Captioner.from_pretrained(embedded_ckpt)
-
-
-@contextmanager
-def serving(app):
-    """The app under uvicorn in a thread on a free port; yields its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 class Slowed:
