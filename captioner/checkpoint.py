@@ -8,6 +8,7 @@ containers and refuses any other global; an export directory (captioner/export.p
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -176,21 +177,26 @@ def _moved(spec) -> bool:
         and not Path(spec).expanduser().exists()
 
 
+def clip_state(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The frozen CLIP of a captioner state dict (keys `encoder.visual.*` / `encoder.text.*`, without the model
+    core's `model.` prefix) in clip.model.CLIP's own key layout, which clip.model.build_model reads."""
+    state = {("visual." + k[15:] if k.startswith("encoder.visual.") else k[13:]): v
+             for k, v in weights.items() if k.startswith(("encoder.visual.", "encoder.text."))}
+    state["logit_scale"] = torch.tensor(math.log(1 / 0.07))  # CLIP's initial temperature; captioning never reads it
+    return state
+
+
 def _architectures(hparams: dict, checkpoint: dict, overrides: dict) -> dict:
     """Encoder and decoder specs that rebuild the architectures when their files moved away (a pretrained
     tiny CLIP or decoder in a deleted data/): the weights come from the checkpoint's state dict anyway."""
     import hashlib
-    import math
 
     import torch
 
     specs = {}
     weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}  # keys with or without `model.`
     if "encoder" not in overrides and _moved(hparams.get("encoder")):
-        # the frozen CLIP in clip.model.CLIP's own key layout, which clip.model.build_model reads
-        state = {("visual." + k[15:] if k.startswith("encoder.visual.") else k[13:]): v
-                 for k, v in weights.items() if k.startswith(("encoder.visual.", "encoder.text."))}
-        state["logit_scale"] = torch.tensor(math.log(1 / 0.07))  # CLIP's initial temperature; captioning never reads it
+        state = clip_state(weights)
         digest = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in state.values())).hexdigest()[:16]
         file = private_dir("encoders") / f"{digest}.pt"  # this user's: no one else can plant a file under this name
         if not file.is_file():

@@ -20,7 +20,6 @@ weights with an old config. push_to_hub=user/repo uploads DIR with huggingface_h
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -29,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from captioner import hub_repo, model_card
-from captioner.checkpoint import CONFIG, WEIGHTS, load_module, read_checkpoint
+from captioner.checkpoint import CONFIG, WEIGHTS, clip_state, load_module, read_checkpoint
 from captioner.config import ConfigError, hydra_main
 from captioner.models.decoder import tokenizer_files
 
@@ -79,10 +78,7 @@ def _local_specs(module, out: Path) -> dict:
 
     specs = {}
     if _local(module.hparams.encoder):
-        # clip.model.CLIP's own key layout, which clip.model.build_model (model.encoder=FILE) reads
-        state = {("visual." + k[15:] if k.startswith("encoder.visual.") else k[13:]): v.detach().clone()
-                 for k, v in module.model.state_dict().items() if k.startswith(("encoder.visual.", "encoder.text."))}
-        state["logit_scale"] = torch.tensor(math.log(1 / 0.07))  # CLIP's initial temperature; captioning never reads it
+        state = clip_state({k: v.detach().clone() for k, v in module.model.state_dict().items()})  # model.encoder=FILE reads it
         torch.save(state, out / "clip.pt")
         os.chmod(out / "clip.pt", _FILE_MODE)
         specs["encoder"] = "clip.pt"  # checkpoint.load_module reads it from the export directory
