@@ -88,7 +88,7 @@ def test_loss_falls_over_a_few_dozen_steps(smoke_cfg):
 def test_building_random_clip_and_gpt2_leaves_the_run_random_stream_alone(smoke_cfg):
     # the feature store builds the CLIP only on a cold cache: a seeded build must not shift the
     # stream that shuffles, initialises the mapper and draws noise, or cold and warm runs differ
-    from captioner.models.decoder import load_gpt2
+    from captioner.models.decoder import load_decoder
     from captioner.models.encoder import ClipEncoder
 
     cfg = smoke_cfg()
@@ -99,7 +99,7 @@ def test_building_random_clip_and_gpt2_leaves_the_run_random_stream_alone(smoke_
     expected = torch.rand(3)
     torch.manual_seed(123)
     ClipEncoder(dict(cfg.pretrain.clip.arch))  # random builds of the tiny architectures
-    load_gpt2(dict(cfg.pretrain.lm.arch), tokenizer, seed=7)
+    load_decoder(dict(cfg.pretrain.lm.arch), tokenizer, seed=7)
     assert torch.equal(torch.rand(3), expected)
 
 

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from captioner.data.synthetic import write_dataset
-from captioner.models.decoder import load_gpt2, load_tokenizer
+from captioner.models.decoder import load_decoder, load_tokenizer
 from captioner.pretraining import build_clip, build_lm, build_tokenizer
 from conftest import CONF
 
@@ -38,8 +38,8 @@ def test_a_split_smaller_than_one_batch_still_trains_every_step(tmp_path):
     train = _world(tmp_path, 3)  # 15 captions against a batch of 64
     tokenizer = build_tokenizer(tmp_path / "tokenizer", train, vocab_size=300)
     out = build_lm(tmp_path / "gpt2", train, tokenizer, LM_ARCH, steps=3, batch_size=64, warmup_steps=1, val_every=None)
-    trained = load_gpt2(str(out), load_tokenizer(str(tokenizer)))
-    initial = load_gpt2(LM_ARCH, load_tokenizer(str(tokenizer)))  # the same seeded weights it started from
+    trained = load_decoder(str(out), load_tokenizer(str(tokenizer)))
+    initial = load_decoder(LM_ARCH, load_tokenizer(str(tokenizer)))  # the same seeded weights it started from
     assert not torch.equal(trained.transformer.h[0].mlp.c_fc.weight, initial.transformer.h[0].mlp.c_fc.weight)
     assert json.loads((out / "manifest.json").read_text())["steps"] == 3
 

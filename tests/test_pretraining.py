@@ -100,7 +100,7 @@ def test_the_clip_cache_is_reused_and_rebuilt_when_its_manifest_differs(world, p
 
 
 def test_tokenizer_and_language_model_are_cached_the_same_way(world, tmp_path, monkeypatch, capsys):
-    from captioner.models.decoder import load_gpt2, load_tokenizer
+    from captioner.models.decoder import load_decoder, load_tokenizer
 
     _, train, val = world
     tokenizer_dir = build_tokenizer(tmp_path / "tokenizer", train, vocab_size=300)
@@ -109,7 +109,7 @@ def test_tokenizer_and_language_model_are_cached_the_same_way(world, tmp_path, m
     out = build_lm(tmp_path / "gpt2", train, tokenizer_dir, arch, val=val, steps=30, batch_size=32, lr=3e-3, warmup_steps=3, val_every=None)
     losses = [float(r.split(",")[1]) for r in (out / "logs" / "metrics.csv").read_text().splitlines()[1:] if r.split(",")[1]]
     assert losses[-1] < losses[0] * 0.9, losses  # it learns the captions' language
-    model = load_gpt2(str(out), tokenizer)
+    model = load_decoder(str(out), tokenizer)
     assert model.config.vocab_size == len(tokenizer) and model.config.n_layer == 1
 
     monkeypatch.setattr("captioner.caption_lm.CaptionLM.__init__", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))

@@ -10,7 +10,7 @@ import clip
 import pytest
 import torch
 
-from captioner.models.decoder import load_gpt2, load_tokenizer
+from captioner.models.decoder import load_decoder, load_tokenizer
 from captioner.pretraining import train_tokenizer
 from captioner.models.encoder import ClipEncoder, load_clip
 
@@ -64,7 +64,7 @@ def test_every_clip_builds_at_full_size(name):
 def test_every_gpt2_builds_at_full_size(name, tokenizer):
     params, width, layers = GPT2_MODELS[name]
     with torch.device("meta"):
-        model = load_gpt2({"arch": name}, tokenizer)
+        model = load_decoder({"arch": name}, tokenizer)
         logits = model(input_ids=torch.zeros(2, 5, dtype=torch.long)).logits
     assert count(model) == params
     assert (model.config.n_embd, model.config.n_layer, model.config.vocab_size) == (width, layers, 50257)
@@ -74,7 +74,7 @@ def test_every_gpt2_builds_at_full_size(name, tokenizer):
 
 def test_arch_fields_can_be_overridden_and_unknown_names_are_refused(tokenizer):
     with torch.device("meta"):
-        model = load_gpt2({"arch": "gpt2-medium", "n_layer": 2}, tokenizer)
+        model = load_decoder({"arch": "gpt2-medium", "n_layer": 2}, tokenizer)
         encoder = ClipEncoder({"arch": "ViT-B/16", "vision_layers": 1})
     assert (model.config.n_embd, model.config.n_layer) == (1024, 2)
     assert len(encoder.visual.transformer.resblocks) == 1 and encoder.num_tokens == 196
@@ -120,7 +120,7 @@ def test_full_size_clip_forward(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", GPT2_MODELS)
 def test_full_size_gpt2_forward(name, tokenizer):
-    model = load_gpt2({"arch": name}, tokenizer).eval()
+    model = load_decoder({"arch": name}, tokenizer).eval()
     with torch.no_grad():
         logits = model(input_ids=torch.randint(0, 50257, (1, 8))).logits
     assert count(model) == GPT2_MODELS[name][0]
@@ -148,7 +148,7 @@ def test_local_files_load_clip_and_gpt2(tmp_path, tokenizer):
     # clip.load stores weights in fp16: the file's model is the built one to fp16 precision
     assert torch.allclose(from_file(pixels)["clip_features"], built(pixels)["clip_features"], atol=2e-2)
     assert (from_file.embed_dim, from_file.num_tokens) == (48, 16)
-    model = load_gpt2({"n_layer": 1, "n_embd": 32, "n_head": 2}, tokenizer)
+    model = load_decoder({"n_layer": 1, "n_embd": 32, "n_head": 2}, tokenizer)
     model.save_pretrained(tmp_path / "gpt2")
-    again = load_gpt2(str(tmp_path / "gpt2"), tokenizer)
+    again = load_decoder(str(tmp_path / "gpt2"), tokenizer)
     assert torch.equal(again.transformer.wte.weight, model.transformer.wte.weight)

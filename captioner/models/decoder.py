@@ -165,9 +165,6 @@ def load_decoder(spec: str | Mapping, tokenizer: PreTrainedTokenizerBase, seed: 
     return model
 
 
-load_gpt2 = load_decoder  # the name the tests of the pretraining step use
-
-
 def hidden_size(model: PreTrainedModel) -> int:
     """The width of the decoder's input embeddings, whatever its config calls it."""
     return model.get_input_embeddings().embedding_dim
