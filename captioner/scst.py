@@ -54,6 +54,15 @@ class SCSTModule(CaptionModule):
         if not path.is_file():
             raise FileNotFoundError(f"init_from={init_from} does not exist: pass a .ckpt from a cross-entropy run's checkpoints/")
         state = read_checkpoint(path)["state_dict"]
+        own = self.state_dict()
+        resized = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if resized:
+            k = resized[0]
+            raise ValueError(
+                f"init_from={init_from} has other sizes than this model ({k}: {tuple(state[k].shape)} there, "
+                f"{tuple(own[k].shape)} here; {len(resized)} tensors differ): pass the same model/* and pretrain.* "
+                "overrides as the cross-entropy run"
+            )
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
