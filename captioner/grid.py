@@ -23,7 +23,8 @@ def caption_grid(
     import matplotlib.pyplot as plt
 
     rows = -(-len(images) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False)
+    height = 4.0 if references is not None else 3.6  # room for the grey reference under each image
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, height * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, (ax, image, caption) in enumerate(zip(axes.flat, images, captions)):
@@ -32,7 +33,10 @@ def caption_grid(
         if references is not None:
             ax.text(0.5, -0.04, "\n".join(textwrap.wrap(f"human: {references[i]}", 40)), fontsize=7,
                     color="0.4", ha="center", va="top", transform=ax.transAxes)
-    fig.tight_layout()
+    # margins in inches: two title lines above each image, two reference lines below it
+    top, bottom = 0.45 / fig.get_figheight(), (0.45 if references is not None else 0.1) / fig.get_figheight()
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - top, bottom=bottom, wspace=0.05,
+                        hspace=0.35 if references is not None else 0.15)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
