@@ -17,7 +17,7 @@ import torch
 
 from captioner.api import Captioner
 from captioner.web.app import create_app
-from captioner.web.batcher import MicroBatcher
+from captioner.web.batcher import Busy, MicroBatcher
 from captioner.web.identity import describe_model
 from captioner.web.limits import DecodeBudget, Limits
 from test_serve import encode, free_port, png_bomb, scene, serving
@@ -278,3 +278,24 @@ def test_healthz_and_the_page_name_the_model_and_its_training_data(captioner, em
         page = httpx.get(url).text
     assert health["model"]["summary"] == model["summary"] and health["prefix_length"] == model["prefix_length"]
     assert 'id="model"' in page and 'fetch("/healthz")' in page and "h.model.summary" in page
+
+
+def test_a_worker_that_dies_mid_batch_answers_that_batch_at_once():
+    class Fatal(BaseException):  # not an Exception: nothing in the worker may swallow it
+        pass
+
+    def run(key, items):
+        raise Fatal
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_batch=4, max_wait_ms=0)
+        await batcher.start()
+        began = time.monotonic()
+        with pytest.raises(Busy, match="worker has stopped"):
+            await asyncio.wait_for(batcher.submit("k", ["a", "b"]), timeout=5)
+        waited, alive = time.monotonic() - began, batcher.alive
+        await batcher.stop()
+        return waited, alive
+
+    waited, alive = asyncio.run(scenario())
+    assert waited < 1 and not alive  # answered when the worker died, not at a deadline

@@ -74,6 +74,7 @@ class MicroBatcher:
         self._forward = 0.0  # seconds per forward pass, a running average
         self._pending: deque[_Request] = deque()
         self._queued = 0  # images in _pending
+        self._inflight: list[_Request] = []  # the batch being collected or run, answered even if the worker dies
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
@@ -152,7 +153,8 @@ class MicroBatcher:
 
     async def _collect(self) -> list[_Request]:
         loop = asyncio.get_running_loop()
-        batch = [await self._next()]
+        batch = self._inflight
+        batch.append(await self._next())
         count, start = len(batch[0].items), loop.time()
         while count < self.max_batch:
             while self._pending and self._pending[0].future.done():
@@ -196,12 +198,17 @@ class MicroBatcher:
     async def _loop(self) -> None:
         try:
             await self._serve()
-        finally:  # stopped or crashed: nobody will answer what is queued
+        finally:  # stopped or crashed: nobody will answer the batch in flight or what is queued
+            stopped = Busy("the captioning worker has stopped; the server must be restarted", 30)
+            for request in self._inflight:
+                if not request.future.done():
+                    request.future.set_exception(stopped)
             while (request := self._pop()) is not None:
-                request.future.set_exception(Busy("the captioning worker has stopped; the server must be restarted", 30))
+                request.future.set_exception(stopped)
 
     async def _serve(self) -> None:
         while True:
+            self._inflight = []
             requests = await self._collect()
             groups: dict[Hashable, list[_Request]] = {}
             for request in requests:
