@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import inspect
 import linecache
 import os
@@ -295,9 +296,10 @@ def hydra_main(config_name: str) -> Callable:
         @functools.wraps(task)
         def main():
             os.environ.setdefault(LAUNCH_DIR, os.getcwd())
-            if any("optuna" in a for a in sys.argv[1:]):
-                # optuna's study notices (INFO) would stand beside a one-line error; the sweeper's own log
-                # says each trial and the best parameters
+            if ({"-m", "--multirun"} & set(sys.argv[1:]) or any("optuna" in a for a in sys.argv[1:])) \
+                    and importlib.util.find_spec("optuna") is not None:
+                # any sweep may use the Optuna sweeper (a sweep file can name it): its study notices (INFO)
+                # would stand beside a one-line error, and the sweeper's own log says each trial and the best
                 import optuna
 
                 optuna.logging.set_verbosity(optuna.logging.WARNING)
