@@ -51,7 +51,8 @@ def test_a_non_editable_install_into_a_fresh_venv_trains_the_smoke_run(tmp_path)
     assert where.returncode == 0, where.stderr[-3000:]
     module, conf = where.stdout.split()
     assert module.startswith(site) and conf == os.path.join(site, "captioner", "conf"), where.stdout + where.stderr
-    done = subprocess.run([python, "-m", "captioner.train", "experiment=smoke", "hydra.run.dir=run"],
+    done = subprocess.run([python, "-m", "captioner.train", "experiment=smoke"],  # as a user types it
                           cwd=work, capture_output=True, text=True, env=env, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (work / "run" / "captions_test.json").is_file() and (work / "run" / "scores.json").is_file()
+    runs = list((work / "outputs" / "smoke" / "runs").iterdir())  # outputs/ beside where it was started
+    assert len(runs) == 1 and (runs[0] / "captions_test.json").is_file() and (runs[0] / "scores.json").is_file(), runs
