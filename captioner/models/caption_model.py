@@ -63,7 +63,7 @@ class CaptionModel(nn.Module):
             num_tokens=self.encoder.num_tokens,
             embed_dim=hidden_size(self.decoder),
             prefix_length=prefix_length,
-            **mapper,
+            options=mapper,
         )
         self.prefix_length = self.mapper.prefix_length  # what the decoder reads before the caption
         if self.prefix_length != prefix_length:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -88,10 +89,11 @@ class Mapper(nn.Module):
 
 
 def build_mapper(name: str, *, feature_dim: int, token_dim: int, num_tokens: int, embed_dim: int, prefix_length: int,
-                 **options) -> Mapper:
-    """Build the registered mapper `name`; dimensions come from the loaded encoder and decoder."""
+                 options: Mapping | None = None) -> Mapper:
+    """Build the registered mapper `name` with its `options` (the YAML's keys but `name`); dimensions come
+    from the loaded encoder and decoder."""
     if name not in MAPPERS:
         raise ValueError(f"unknown mapper {name!r}: choose one of {sorted(MAPPERS)} (model.mapper.name)")
     dims = Dimensions(feature_dim=feature_dim, token_dim=token_dim, num_tokens=num_tokens, embed_dim=embed_dim,
                       prefix_length=prefix_length)
-    return MAPPERS[name].build(dims, **options)
+    return MAPPERS[name].build(dims, **(options or {}))
