@@ -54,8 +54,10 @@ def test_every_bridge_trains_through_the_entry_point_and_captions(name, trained)
     expected = {"mlp2x_gelu": grid, "pixel_shuffle": grid // 4}.get(name, 8)  # token-for-token | conf/model/tiny.yaml's 8 slots
     assert captioner.module.hparams.prefix_length == captioner.model.prefix_length == expected
     assert captioner.max_new_tokens == captioner.model.decoder.config.n_positions - expected
-    results = captioner.describe(scenes("large red circle", "row of three"), attention=True, max_new_tokens=12)
+    images = scenes("large red circle", "row of three")
+    results = captioner.describe(images, attention=True, max_new_tokens=12)
     assert all(isinstance(r.text, str) and r.text for r in results)
+    assert Captioner.from_pretrained(path).caption(images, max_new_tokens=12) == [r.text for r in results]  # prepacked where it can
     assert captioner.has_attention == type(mapper).returns_attention
     for r in results:
         assert (r.attention is not None) == captioner.has_attention
@@ -148,3 +150,16 @@ def test_text_only_training_refuses_a_patch_token_bridge(tmp_path_factory, tmp_p
         datamodule.setup("fit")
     assert str(refused.value) == ("text-only training gives CLIP text embeddings (clip_features), but the mlp2x_gelu mapper "
                                   "reads patch_tokens: use model/mapper=mlp or model/mapper=transformer")
+
+
+def test_a_prefix_the_decoder_cannot_hold_is_one_line(smoke_cfg):
+    from captioner.models.caption_model import CaptionModel
+
+    cfg = smoke_cfg()
+    small = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 16}  # the tiny CLIP's 16 patch tokens fill it
+    with pytest.raises(ValueError) as refused:
+        CaptionModel(cfg.model.encoder, small, cfg.model.tokenizer, {"name": "mlp2x_gelu"}, prefix_length=8)
+    assert str(refused.value) == ("the mlp2x_gelu mapper's prefix of 16 embeddings leaves no room for a caption in the "
+                                  "decoder's 16 positions: choose a shorter prefix or a decoder with more positions")
+    model = CaptionModel(cfg.model.encoder, {**small, "n_positions": 20}, cfg.model.tokenizer, {"name": "pixel_shuffle"}, prefix_length=8)
+    assert model.prefix_length == 4 and model.max_new_tokens == 16

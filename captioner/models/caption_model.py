@@ -66,6 +66,10 @@ class CaptionModel(nn.Module):
             options=mapper,
         )
         self.prefix_length = self.mapper.prefix_length  # what the decoder reads before the caption
+        positions = max_positions(self.decoder)
+        if positions is not None and self.prefix_length >= positions:
+            raise ValueError(f"the {self.mapper.name} mapper's prefix of {self.prefix_length} embeddings leaves no room for a caption "
+                             f"in the decoder's {positions} positions: choose a shorter prefix or a decoder with more positions")
         if self.prefix_length != prefix_length:
             log.info("the %s mapper emits %d prefix embeddings (one per patch token or block); prefix_length=%d "
                      "is read only by mappers with learned slots", self.mapper.name, self.prefix_length, prefix_length)
