@@ -22,13 +22,13 @@ from captioner import checkpoint, hub_repo, prepack, quantize
 from captioner.data.images import ImageLike, to_pil
 from captioner.generate import Decoding, decoding_from
 from captioner.models.encoder import DTYPES, dtype_of
-from captioner.models.mapper import AttentionMapper, attention_grid
+from captioner.models.mapper import attention_grid
 
 
 @dataclass(frozen=True)
 class Caption:
     text: str
-    attention: torch.Tensor | None = None  # (P, g, g): where each prefix slot looked (attention mapper only)
+    attention: torch.Tensor | None = None  # (P, g, g): where each prefix slot looked (mappers that return maps only)
     retrieved: tuple[str, ...] | None = None  # the datastore captions in the prompt (retrieval models only)
 
 
@@ -67,7 +67,8 @@ class Captioner:
         self.device = torch.device(device)
         self.preprocess = self.model.encoder.preprocess  # CLIP's resize, centre crop and normalisation
         self.resolution = self.model.encoder.resolution
-        self.has_attention = isinstance(self.model.mapper, AttentionMapper)
+        # the mapper's declared capability; ONNX graphs return no maps (their mapper is a plain function)
+        self.has_attention = bool(getattr(self.model.mapper, "returns_attention", False))
         self.max_new_tokens = self.model.max_new_tokens  # the decoder's positions, less the prefix's
         quantized = any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in self.model.decoder.modules())
         self.precision = "int8" if quantized else {v: k for k, v in DTYPES.items()}[self.model.decoder.dtype]  # the decoder's

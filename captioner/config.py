@@ -40,7 +40,7 @@ from captioner.data.datamodule import CaptionDataModule
 from captioner.data.noise import add_noise
 from captioner.data.synthetic import write_dataset
 from captioner.generate import Decoding
-from captioner.models.mapper import MAPPERS
+from captioner.models.registry import DIMENSIONS, MAPPERS
 from captioner.module import CaptionModule
 
 # run directories are named `<time>_${run_id:}`: a random suffix keeps two runs started in the same
@@ -60,8 +60,6 @@ CONF_DIR = str(next(d for d in (Path(__file__).resolve().parent / "conf", Path(_
                     if d.is_dir()))
 PACKAGE_DIR = Path(__file__).resolve().parent
 PLAIN = (int, float, bool, str)
-# arguments the module computes and passes itself, never config keys
-MAPPER_DIMENSIONS = ("in_dim", "token_dim", "embed_dim", "prefix_length", "num_tokens")
 
 
 def _key_type(annotation):
@@ -103,8 +101,8 @@ NoiseSchema = schema_of(add_noise, "NoiseSchema", skip=("features", "generator")
 SyntheticSchema = schema_of(write_dataset, "SyntheticSchema")
 DataSchema = schema_of(CaptionDataModule.__init__, "DataSchema", first=INSTANTIATED,
                        nested={"noise": NoiseSchema, "synthetic": SyntheticSchema})
-MapperSchemas = {
-    name: schema_of(cls.__init__, f"{cls.__name__}Schema", skip=MAPPER_DIMENSIONS, first=(("name", str, name),))
+MapperSchemas = {  # every registered mapper; its dimensions come from the encoder and decoder, never the config
+    name: schema_of(cls.__init__, f"{cls.__name__}Schema", skip=DIMENSIONS, first=(("name", str, name),))
     for name, cls in MAPPERS.items()
 }
 DecodingSchema = schema_of(Decoding, "DecodingSchema")  # Decoding itself is frozen: overrides need a mutable node

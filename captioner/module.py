@@ -39,7 +39,7 @@ class CaptionModule(L.LightningModule):
         encoder: str | Mapping = "ViT-B/32",  # a name/path loads CLIP; a mapping builds it randomly
         decoder: str | Mapping = "gpt2",  # a hub name or save_pretrained directory; a mapping builds one (models/decoder.py)
         tokenizer: str = "gpt2",  # a save_pretrained tokenizer directory, GPT-2's vocab.json + merges.txt, or a hub name
-        mapper: Mapping | None = None,  # {name: attention|transformer|mlp, ...its arguments}
+        mapper: Mapping | None = None,  # {name: a registered mapper (models/registry.py), ...its options}
         prefix_length: int = 10,
         freeze_decoder: bool = False,  # ClipCap's "frozen GPT-2" variant when true (decoder_mode=frozen)
         decoder_mode: str | None = None,  # finetune | frozen | lora; None: frozen when freeze_decoder else finetune
@@ -73,6 +73,7 @@ class CaptionModule(L.LightningModule):
             raise ValueError(f"adamw={adamw!r} is not one of {sorted(ADAMW)} (model.adamw)")
         self.model = CaptionModel(encoder, decoder, tokenizer, mapper, prefix_length, decoder_mode=mode, lora=lora,
                                   normalize_features=normalize_features, encoder_precision=encoder_precision, seed=seed)
+        self.hparams["prefix_length"] = self.model.prefix_length  # a token-for-token bridge's own count, as built
         self.register_load_state_dict_pre_hook(_under_model)
         self.val_decoding: Decoding = decoding_from(val_decoding)
         self._val_captions: dict[int, str] = {}

@@ -10,7 +10,8 @@ Each training caption is embedded once by the frozen CLIP text tower and kept in
 `train-text-<hash of captions and encoder>/` in `data.cache_dir`:
     manifest.json        encoder, precision, caption count and hash (written last: its presence means complete)
     text_features.npy    (C, E) one row per caption, in annotation order (record by record)
-Only pooled-vector mappers (`mlp`, `transformer`) can train this way: text has no patch tokens.
+Only mappers that read the pooled vector (`input_key = "clip_features"`: `mlp`, `transformer`) can train
+this way: text has no patch tokens.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from captioner.data.datamodule import CaptionDataModule, CaptionDataset
 from captioner.data.features import encoder_digest
 from captioner.data.manifest import MANIFEST, check_manifest, plain, read_manifest, sole_writer, write_json
 from captioner.models.encoder import ClipEncoder
+from captioner.models.registry import MAPPERS
 
 TEXT_STORE_VERSION = 1
 
@@ -141,9 +143,10 @@ class TextCaptionDataModule(CaptionDataModule):
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         mapper = getattr(module, "mapper", None)
         if mapper is not None and mapper.input_key != "clip_features":
+            pooled = " or ".join(f"model/mapper={name}" for name, cls in sorted(MAPPERS.items()) if cls.input_key == "clip_features")
             raise ValueError(
-                f"text-only training gives CLIP text embeddings (clip_features), but the {type(mapper).__name__} "
-                f"reads {mapper.input_key}: use model/mapper=mlp or model/mapper=transformer"
+                f"text-only training gives CLIP text embeddings (clip_features), but the {getattr(mapper, 'name', type(mapper).__name__)} "
+                f"mapper reads {mapper.input_key}: use {pooled}"
             )
         fresh = not self.datasets
         super().setup(stage)

@@ -17,6 +17,7 @@ fully trained (`"finetune"`), or frozen with trainable low-rank adapters (`"lora
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -27,9 +28,10 @@ from captioner.generate import Decoding, generate
 from captioner.models import lora as lora_adapters
 from captioner.models.decoder import hidden_size, load_decoder, load_tokenizer, max_positions
 from captioner.models.encoder import ClipEncoder
-from captioner.models.mapper import build_mapper
+from captioner.models.registry import build_mapper
 
 DECODER_MODES = ("finetune", "frozen", "lora")
+log = logging.getLogger(__name__)
 
 
 class CaptionModel(nn.Module):
@@ -38,8 +40,8 @@ class CaptionModel(nn.Module):
         encoder: str | Mapping = "ViT-B/32",  # a name/path loads CLIP; a mapping builds it randomly
         decoder: str | Mapping = "gpt2",  # a hub name or save_pretrained directory; a mapping builds one (decoder.py)
         tokenizer: str = "gpt2",  # a save_pretrained tokenizer directory, GPT-2's vocab.json + merges.txt, or a hub name
-        mapper: Mapping | None = None,  # {name: attention|transformer|mlp, ...its arguments}
-        prefix_length: int = 10,
+        mapper: Mapping | None = None,  # {name: a registered mapper (models/registry.py), ...its options}
+        prefix_length: int = 10,  # slots of a mapper with learned slots; token-for-token bridges emit their own count
         decoder_mode: str = "finetune",  # finetune | frozen | lora
         lora: Mapping | None = None,  # lora mode: {r, alpha, dropout, target_modules}; per-family defaults in lora.py
         normalize_features: bool = True,  # L2-normalise CLIP features before the mapper (CapDec)
@@ -49,7 +51,7 @@ class CaptionModel(nn.Module):
         super().__init__()
         if decoder_mode not in DECODER_MODES:
             raise ValueError(f"decoder_mode={decoder_mode!r} is not one of {DECODER_MODES} (model.decoder_mode)")
-        self.decoder_mode, self.prefix_length, self.normalize_features = decoder_mode, prefix_length, normalize_features
+        self.decoder_mode, self.normalize_features = decoder_mode, normalize_features
         self.encoder = ClipEncoder(encoder, precision=encoder_precision)  # random weights: the spec's seed, as in the store
         self.tokenizer = load_tokenizer(tokenizer)
         self.decoder = load_decoder(decoder, self.tokenizer, seed=seed)
@@ -61,8 +63,16 @@ class CaptionModel(nn.Module):
             num_tokens=self.encoder.num_tokens,
             embed_dim=hidden_size(self.decoder),
             prefix_length=prefix_length,
-            **mapper,
+            options=mapper,
         )
+        self.prefix_length = self.mapper.prefix_length  # what the decoder reads before the caption
+        positions = max_positions(self.decoder)
+        if positions is not None and self.prefix_length >= positions:
+            raise ValueError(f"the {self.mapper.name} mapper's prefix of {self.prefix_length} embeddings leaves no room for a caption "
+                             f"in the decoder's {positions} positions: choose a shorter prefix or a decoder with more positions")
+        if self.prefix_length != prefix_length:
+            log.info("the %s mapper emits %d prefix embeddings (one per patch token or block); prefix_length=%d "
+                     "is read only by mappers with learned slots", self.mapper.name, self.prefix_length, prefix_length)
         self.encoder.requires_grad_(False)
         if decoder_mode == "frozen":
             self.decoder.requires_grad_(False)

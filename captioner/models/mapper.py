@@ -1,9 +1,10 @@
 """Mappers: CLIP image features -> a prefix of P GPT-2 input embeddings, shape (B, P, D).
 
-Each mapper names the feature it reads (`input_key`): the pooled CLIP vector (`clip_features`,
-(B, E)) or the patch tokens (`patch_tokens`, (B, N, W)). `mlp` and `transformer` are ClipCap's
-mappers with ClipCap's parameter names, so its checkpoints load key for key; `attention` is the
-patch-token mapper that lets a prefix slot look at one region of the image.
+Each mapper registers itself (captioner/models/registry.py) and names the feature it reads
+(`input_key`): the pooled CLIP vector (`clip_features`, (B, E)) or the patch tokens (`patch_tokens`,
+(B, N, W)). `mlp` and `transformer` are ClipCap's mappers with ClipCap's parameter names, so its
+checkpoints load key for key; `attention` is the patch-token mapper that lets a prefix slot look at
+one region of the image. LLaVA's and nanoVLM's bridges are in captioner/models/bridges.py.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captioner.models.registry import MAPPERS, Mapper, build_mapper  # noqa: F401 - the registry, where callers look
 
-class MLPMapper(nn.Module):
+
+class MLPMapper(Mapper, name="mlp"):
     """ClipCap's MLP: Linear(E, P*D/2) -> Tanh -> Linear(P*D/2, P*D), reshaped to (P, D).
 
     `num_layers` sets the depth: 2 is ClipCap's (its `model.0` / `model.2` keys); each further layer
@@ -94,7 +97,7 @@ class ClipCapTransformer(nn.Module):
         return x
 
 
-class TransformerMapper(nn.Module):
+class TransformerMapper(Mapper, name="transformer"):
     """ClipCap's transformer mapper: the CLIP vector becomes L tokens, a learned constant (P, D) is
     appended, N layers mix them, and the last P positions are the prefix. No positional embeddings,
     no dropout, no final norm: exactly ClipCap's, so its checkpoints reproduce its logits."""
@@ -143,7 +146,7 @@ class CrossAttentionBlock(nn.Module):
         return q + self.mlp(self.norm_mlp(q)), weights
 
 
-class AttentionMapper(nn.Module):
+class AttentionMapper(Mapper, name="attention"):
     """P learned queries attend over the CLIP patch tokens (the flagship mapper).
 
     A frozen CLIP's pooled vector can lose where things are; its patch tokens keep it. Each prefix
@@ -152,6 +155,7 @@ class AttentionMapper(nn.Module):
     """
 
     input_key = "patch_tokens"
+    returns_attention = True
 
     def __init__(
         self,
@@ -192,14 +196,3 @@ def attention_grid(weights: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{n} patch tokens do not form a square grid")
     return weights.reshape(b, p, g, g)  # (B, P, g, g)
 
-
-MAPPERS = {"mlp": MLPMapper, "transformer": TransformerMapper, "attention": AttentionMapper}
-
-
-def build_mapper(name: str, *, feature_dim: int, token_dim: int, num_tokens: int, embed_dim: int, prefix_length: int, **kwargs) -> nn.Module:
-    """Build a mapper by name; dimensions come from the loaded encoder and decoder."""
-    if name not in MAPPERS:
-        raise ValueError(f"unknown mapper {name!r}: choose one of {sorted(MAPPERS)} (model.mapper.name)")
-    if name == "attention":
-        return AttentionMapper(token_dim, embed_dim, prefix_length, num_tokens=num_tokens, **kwargs)
-    return MAPPERS[name](feature_dim, embed_dim, prefix_length, **kwargs)

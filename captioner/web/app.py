@@ -167,7 +167,7 @@ def create_app(captioner: Captioner, limits: Limits = Limits(), max_batch: int =
         strategy: Literal["greedy", "beam"] = Query(DEFAULT.strategy, description="greedy or beam search"),
         num_beams: int = Query(DEFAULT.num_beams, ge=2, le=limits.max_beams, description="beam width (beam only)"),
         max_new_tokens: int = Query(DEFAULT.max_new_tokens, ge=1, le=limits.max_new_tokens),
-        attention: bool = Query(False, description="return where each prefix slot looked (attention mapper)"),
+        attention: bool = Query(False, description="return where each prefix slot looked (a mapper that returns maps; /healthz says whether this one does)"),
     ):
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
