@@ -17,7 +17,8 @@ def test_sincos_table_encodes_row_and_column():
             same_row, same_col = n // 4 == m // 4, n % 4 == m % 4
             assert torch.equal(rows[n], rows[m]) == same_row
             assert torch.equal(cols[n], cols[m]) == same_col
-    assert torch.allclose(table[0], torch.tensor([0.0, 1.0]).repeat_interleave(8).repeat(2))  # cell (0, 0): sin 0, cos 0
+    assert torch.allclose(table.norm(dim=1), torch.ones(16))  # unit rows, the scale of normalised tokens
+    assert torch.allclose(table[0] * 4, torch.tensor([0.0, 1.0]).repeat_interleave(8).repeat(2))  # cell (0, 0): sin 0, cos 0
     with pytest.raises(ValueError, match="square grid"):
         sincos_2d(12, 32)
 

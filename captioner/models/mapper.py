@@ -146,7 +146,8 @@ class CrossAttentionBlock(nn.Module):
 def sincos_2d(num_tokens: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """(N, D) fixed 2-D sin-cos positions of a square grid flattened row by row (MAE's table):
     the first half of the channels encodes the row, the second the column, each as sin | cos of
-    D/4 frequencies from 1 to 1/temperature."""
+    D/4 frequencies from 1 to 1/temperature. Each row has unit L2 norm, like the normalised CLIP
+    tokens it is added to after their projection: at MAE's scale (entries of +-1) it drowns them."""
     g = math.isqrt(num_tokens)
     if g * g != num_tokens or dim % 4:
         raise ValueError(f"a 2-D sin-cos table needs a square grid and a width divisible by 4, got {num_tokens} tokens of width {dim}")
@@ -156,7 +157,7 @@ def sincos_2d(num_tokens: int, dim: int, temperature: float = 10000.0) -> torch.
     for axis in (rows.flatten(), cols.flatten()):
         angle = axis[:, None] * omega[None]  # (N, D/4)
         parts += [angle.sin(), angle.cos()]
-    return torch.cat(parts, dim=1).float()  # (N, D)
+    return (torch.cat(parts, dim=1) / math.sqrt(dim / 2)).float()  # (N, D), each row of norm 1
 
 
 POSITIONS = ("learned", "sincos2d", "learned_sincos2d")
