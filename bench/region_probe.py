@@ -65,8 +65,8 @@ def features(encoder: ClipEncoder, paths: list[Path]) -> dict[str, torch.Tensor]
     return {k: torch.cat([o[k] for o in out]) for k in out[0]}
 
 
-def probe(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, steps: int = 300) -> float:
-    """Held-out accuracy of softmax regression on standardised `x` (full-batch L-BFGS, small L2)."""
+def probe(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, steps: int = 300) -> torch.Tensor:
+    """Held-out predictions of softmax regression on standardised `x` (full-batch L-BFGS, small L2)."""
     mean, std = x[train].mean(0), x[train].std(0) + 1e-6
     x = (x - mean) / std
     layer = torch.nn.Linear(x.shape[1], len(CLASSES))
@@ -80,7 +80,18 @@ def probe(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, steps: int = 30
 
     optimizer.step(closure)
     with torch.no_grad():
-        return (layer(x[~train]).argmax(1) == y[~train]).float().mean().item()
+        return layer(x[~train]).argmax(1)
+
+
+def scored(predicted: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """Accuracy of the whole class, and of its shape and its colour alone (empty is its own shape and colour)."""
+    words = [c.split() for c in CLASSES]
+    colour = lambda i: words[i][0]  # noqa: E731
+    shape = lambda i: words[i][-1]  # noqa: E731
+    pairs = list(zip(predicted.tolist(), truth.tolist()))
+    return {"content": sum(p == t for p, t in pairs) / len(pairs),
+            "shape": sum(shape(p) == shape(t) for p, t in pairs) / len(pairs),
+            "colour": sum(colour(p) == colour(t) for p, t in pairs) / len(pairs)}
 
 
 def main() -> None:
@@ -103,17 +114,22 @@ def main() -> None:
     towers = {"pretrained": pretrained, "random": ClipEncoder(arch, seed=0)}
     grid = v.input_resolution // v.conv1.kernel_size[0]
     table = Table(title=f"corner content (21 classes) from {len(paths)} regions scenes, {int((~train).sum())} held out; grid {grid}x{grid}")
-    for column in ("tower", "corner's patch tokens", "pooled vector"):
+    for column in ("tower", "corner's patch tokens", "  shape / colour alone", "pooled vector", "  shape / colour alone"):
         table.add_column(column, justify="right")
     for name, encoder in towers.items():
         f = features(encoder, paths)
-        accuracy = {"tokens": [], "pooled": []}
+        predicted = {"tokens": [], "pooled": []}
         for k, region in enumerate(REGIONS):
             y = labels[:, k]
             tokens = f["patch_tokens"][:, corner_cells(region, grid)].flatten(1)  # (S, cells * E)
-            accuracy["tokens"].append(probe(tokens, y, train))
-            accuracy["pooled"].append(probe(f["clip_features"], y, train))
-        table.add_row(name, *(f"{100 * sum(a) / len(a):.1f} %" for a in accuracy.values()))
+            predicted["tokens"].append(probe(tokens, y, train))
+            predicted["pooled"].append(probe(f["clip_features"], y, train))
+        truth = labels[~train].T.flatten()  # corner by corner, as the predictions are stacked
+        cells = []
+        for p in predicted.values():
+            s = scored(torch.cat(p), truth)
+            cells += [f"{100 * s['content']:.1f} %", f"{100 * s['shape']:.1f} % / {100 * s['colour']:.1f} %"]
+        table.add_row(name, *cells)
     Console().print(table)
 
 
