@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT / "data" / "synthetic")
     parser.add_argument("--clip", type=Path, default=None, help="a pretrained CLIP (default: the embedded default's)")
     parser.add_argument("--scenes", type=int, default=1600, help="regions scenes to probe (a quarter held out)")
+    parser.add_argument("--random-patch", type=int, nargs="*", default=[],
+                        help="also probe random towers of these patch sizes (8: a 8x8 grid at 64 px)")
     args = parser.parse_args()
     torch.manual_seed(0)
     clip_path = args.clip or args.root / "features" / "pretrained" / "clip" / "clip.pt"
@@ -112,12 +114,14 @@ def main() -> None:
             "vision_width": v.conv1.out_channels, "vision_patch_size": v.conv1.kernel_size[0], "context_length": 32,
             "vocab_size": 49408, "transformer_width": 64, "transformer_heads": 1, "transformer_layers": 1}
     towers = {"pretrained": pretrained, "random": ClipEncoder(arch, seed=0)}
-    grid = v.input_resolution // v.conv1.kernel_size[0]
-    table = Table(title=f"corner content (21 classes) from {len(paths)} regions scenes, {int((~train).sum())} held out; grid {grid}x{grid}")
+    for patch in args.random_patch:
+        towers[f"random, patch {patch}"] = ClipEncoder({**arch, "vision_patch_size": patch}, seed=0)
+    table = Table(title=f"corner content (21 classes) from {len(paths)} regions scenes, {int((~train).sum())} held out")
     for column in ("tower", "corner's patch tokens", "  shape / colour alone", "pooled vector", "  shape / colour alone"):
         table.add_column(column, justify="right")
     for name, encoder in towers.items():
         f = features(encoder, paths)
+        grid = encoder.resolution // encoder.visual.conv1.kernel_size[0]
         predicted = {"tokens": [], "pooled": []}
         for k, region in enumerate(REGIONS):
             y = labels[:, k]
