@@ -3,10 +3,12 @@
 A metric that can be won by phrasing is not evidence: on data whose ground truth we generate we
 check captions against it. The embedded dataset stores each image's scene in its COCO annotations
 (`images[].scene`: shape, colour, size, x, y of every object; `images[].layout`: `single:<position>`,
-`pair:left`, `pair:above` or `triple`). A caption is right when it names every object and nothing
-else, each with the right shape (any synonym), colour and size (where it states one), and the right
-position (single objects), relation (pairs: "to the left of", "below", ...) or order (rows, left to
-right). Each wrong caption is counted once under every attribute it gets wrong.
+`pair:left`, `pair:above`, `triple` or `regions`). A caption is right when it names every object and
+nothing else, each with the right shape (any synonym), colour and size (where it states one), and the
+right position (single objects), relation (pairs: "to the left of", "below", ...), order (rows, left
+to right) or corner (regions: each object's corner named next to it, "a red circle in the top left";
+the corners bind to the objects in the order both are named, so swapped corners are wrong). Each
+wrong caption is counted once under every attribute it gets wrong.
 
 The lexicon is the embedded generator's (`captioner/data/synthetic.py`) plus every attribute value
 found in the scenes themselves, so data from another generator with its own shapes and colours is
@@ -55,7 +57,8 @@ class Lexicon:
             colour={c: c for c in synthetic.COLOURS},
             size=words({s: synthetic.SYNONYMS[s] for s in synthetic.SIZES}),
             position={**words(synthetic.POSITION_PHRASES), "center": "center", "middle": "center",
-                      "left": "left", "right": "right", "top": "top", "bottom": "bottom"},
+                      "left": "left", "right": "right", "top": "top", "bottom": "bottom",
+                      **words(synthetic.REGION_PHRASES), **{r: r for r in synthetic.REGIONS}},
             relation={
                 "to the left of": ("left", False, True),
                 "left of": ("left", False, True),
@@ -186,6 +189,14 @@ def caption_errors(caption: str, scene: Scene, lexicon: Lexicon, phrases=None) -
             wrong = min(wrong, _ordered_errors(mentions, objects[::-1]), key=len)
         elif wrong and _ordered_errors(mentions, first[::-1]) == set():
             wrong = {"position"}  # the right objects, the wrong way round
+        return wrong
+    if kind == "regions":  # the i-th corner named belongs to the i-th object named
+        truth = {synthetic.region_of(o["x"], o["y"]): o for o in objects}
+        if len(positions) != len(mentions) or len(set(positions)) != len(positions) or set(positions) != set(truth):
+            return _multiset_errors(mentions, objects) | {"position"}
+        wrong = set().union(*(_object_errors(m, truth[p]) for m, p in zip(mentions, positions)))
+        if wrong and _multiset_errors(mentions, objects) == set():
+            wrong = {"position"}  # the right objects in the wrong corners
         return wrong
     if kind == "triple":  # named left to right
         wrong = _ordered_errors(mentions, sorted(objects, key=lambda o: o["x"]))

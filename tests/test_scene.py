@@ -7,13 +7,14 @@ import re
 
 import pytest
 
-from captioner.data.synthetic import write_dataset
-from captioner.scene import human_scene_accuracy, load_scenes, scene_accuracy, scenes_of
+from captioner.data.synthetic import region_of, write_dataset
+from captioner.scene import Lexicon, human_scene_accuracy, load_scenes, parse, scene_accuracy, scenes_of
 
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
-    root = write_dataset(tmp_path_factory.mktemp("scenes"), seed=5, sizes={"train": 300, "test": 2})
+    root = write_dataset(tmp_path_factory.mktemp("scenes"), seed=5, sizes={"train": 300, "test": 2},
+                           layouts={"single": 3, "pair": 3, "triple": 2, "regions": 2})  # every layout
     path = root / "annotations" / "captions_train.json"
     coco = json.loads(path.read_text())
     references: dict[int, list[str]] = {}
@@ -28,7 +29,48 @@ def test_every_human_reference_is_right(split):
     assert human_scene_accuracy(scenes, references) == 1.0
     report = scene_accuracy(scenes, {i: caps[-1] for i, caps in references.items()})
     assert report["accuracy"] == 1.0 and report["correct"] == 300 and not report["wrong"]
-    assert set(report["by_layout"]) == {"single", "pair", "triple"}
+    assert set(report["by_layout"]) == {"single", "pair", "triple", "regions"}
+
+
+def test_every_layout_round_trips_to_its_scene(split):
+    """generator -> caption -> parse: each caption's mentions, bound to the places it names, are the scene."""
+    scenes, references = split
+    lexicon = Lexicon.embedded()
+    seen = set()
+    for i, caps in references.items():
+        scene, kind = scenes[i], scenes[i].layout.partition(":")[0]
+        seen.add(kind)
+        for c in caps:
+            mentions, positions, _ = parse(c, lexicon)
+            assert [(m.shape, m.colour) for m in mentions] == [(o["shape"], o["colour"]) for o in scene.objects] or kind == "pair", c
+            if kind == "regions":
+                assert positions == [region_of(o["x"], o["y"]) for o in scene.objects], c
+            elif kind == "single":
+                assert positions == [scene.layout.partition(":")[2]], c
+    assert seen == {"single", "pair", "triple", "regions"}
+
+
+def _swap_corners(caption: str) -> str:
+    """The caption with its two corners exchanged: the same objects and corners, bound the other way."""
+    first, second = re.findall(r"(top left|top right|bottom left|bottom right)", caption)
+    return re.sub(r"(top left|top right|bottom left|bottom right)", lambda m: second if m[1] == first else first, caption)
+
+
+def test_regions_with_swapped_corners_are_wrong(split):
+    scenes, references = split
+    checked = 0
+    for i, caps in references.items():
+        objects = scenes[i].objects
+        if scenes[i].layout != "regions" or (objects[0]["shape"], objects[0]["colour"]) == (objects[1]["shape"], objects[1]["colour"]):
+            continue
+        swapped = _swap_corners(caps[0])
+        report = scene_accuracy({i: scenes[i]}, {i: swapped})
+        assert report["accuracy"] == 0.0 and report["errors"]["position"] == 1, (caps[0], swapped, report)
+        reordered = re.sub(r"(?i)^(.+?) and (.+?)\.?$", r"\2 and \1", caps[0]) if " and " in caps[0] else None
+        if reordered and not reordered.lower().startswith("in the") and caps[0][0] in "Aa":
+            assert scene_accuracy({i: scenes[i]}, {i: reordered})["accuracy"] == 1.0, reordered  # any order of pairs
+        checked += 1
+    assert checked > 20
 
 
 def _first(references, scenes, layout: str, pattern: str):
@@ -56,6 +98,10 @@ COLOURS = {"red": "blue", "blue": "green", "green": "yellow", "yellow": "purple"
         ("position", "pair", r" above ", lambda c: c.replace(" above ", " to the left of ")),
         ("count", "triple", r", a ", lambda c: re.sub(r", a [a-z ]+? and a", " and a", c)),
         ("count", "single", r"^(A|a) ", lambda c: c + " and a red circle"),
+        ("colour", "regions", r"\b(red|blue|green|yellow|purple)\b", lambda c: re.sub(r"\b(red|blue|green|yellow|purple)\b", lambda m: COLOURS[m[1]], c, count=1)),
+        ("position", "regions", r"^(A|a) .+ (in|at) the top left", lambda c: re.sub(r"top left", "center", c)),
+        ("position", "regions", r" in the top right", lambda c: c.replace(" in the top right", " on the right")),
+        ("count", "regions", r" and a ", lambda c: c.split(" and a ")[0]),
     ],
 )
 def test_a_deliberately_wrong_caption_is_caught(split, attribute, layout, pattern, change):

@@ -146,12 +146,37 @@ class CrossAttentionBlock(nn.Module):
         return q + self.mlp(self.norm_mlp(q)), weights
 
 
+def sincos_2d(num_tokens: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(N, D) fixed 2-D sin-cos positions of a square grid flattened row by row (MAE's table):
+    the first half of the channels encodes the row, the second the column, each as sin | cos of
+    D/4 frequencies from 1 to 1/temperature. Each row has unit L2 norm, like the normalised CLIP
+    tokens it is added to after their projection: at MAE's scale (entries of +-1) it drowns them."""
+    g = math.isqrt(num_tokens)
+    if g * g != num_tokens or dim % 4:
+        raise ValueError(f"a 2-D sin-cos table needs a square grid and a width divisible by 4, got {num_tokens} tokens of width {dim}")
+    omega = temperature ** -(torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (D/4,)
+    rows, cols = torch.meshgrid(torch.arange(g, dtype=torch.float64), torch.arange(g, dtype=torch.float64), indexing="ij")
+    parts = []
+    for axis in (rows.flatten(), cols.flatten()):
+        angle = axis[:, None] * omega[None]  # (N, D/4)
+        parts += [angle.sin(), angle.cos()]
+    return (torch.cat(parts, dim=1) / math.sqrt(dim / 2)).float()  # (N, D), each row of norm 1
+
+
+POSITIONS = ("learned", "sincos2d", "learned_sincos2d")
+
+
 class AttentionMapper(Mapper, name="attention"):
     """P learned queries attend over the CLIP patch tokens (the flagship mapper).
 
     A frozen CLIP's pooled vector can lose where things are; its patch tokens keep it. Each prefix
     slot is a query that can attend to different image regions, and `return_attention=True` gives
     those maps, (B, P, N) head-averaged from the last layer, for overlays.
+
+    `position` is the table added to every projected token, so keys and values say which patch a
+    token came from: `learned` starts at zero and is trained, `sincos2d` is the fixed 2-D sin-cos
+    table (not trained), `learned_sincos2d` starts from it and is trained. The table is the same
+    parameter (`token_position`) in each case, so any checkpoint loads into any setting.
     """
 
     input_key = "patch_tokens"
@@ -167,10 +192,14 @@ class AttentionMapper(Mapper, name="attention"):
         num_heads: int = 8,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        position: str = "learned",
     ):
         super().__init__()
+        if position not in POSITIONS:
+            raise ValueError(f"unknown token position table {position!r}: choose one of {list(POSITIONS)} (model.mapper.position)")
         self.proj = nn.Linear(token_dim, embed_dim)
-        self.token_position = nn.Parameter(torch.zeros(num_tokens, embed_dim))  # which patch a token came from
+        table = torch.zeros(num_tokens, embed_dim) if position == "learned" else sincos_2d(num_tokens, embed_dim)
+        self.token_position = nn.Parameter(table, requires_grad=position != "sincos2d")  # which patch a token came from
         self.queries = nn.Parameter(torch.randn(prefix_length, embed_dim) * 0.02)
         self.layers = nn.ModuleList(CrossAttentionBlock(embed_dim, num_heads, mlp_ratio, dropout) for _ in range(num_layers))
         self.norm = nn.LayerNorm(embed_dim)
