@@ -69,7 +69,7 @@ def check_sizes(hparams: Mapping, shapes: Mapping[str, Sequence[int]], source, r
     must match the weights' shape; a config that asks for other sizes (`n_layer: 2000`) is refused before
     anything is allocated. `rebuilt`: keys the weights leave out on purpose (tied weights)."""
     from captioner.models.decoder import load_decoder
-    from captioner.models.encoder import ClipEncoder
+    from captioner.models.towers import build_encoder
 
     # the model core's parts sit under `model.`; older checkpoints hold them at the top
     shapes = {k.removeprefix("model."): v for k, v in shapes.items()}
@@ -86,7 +86,7 @@ def check_sizes(hparams: Mapping, shapes: Mapping[str, Sequence[int]], source, r
     if not problems:
         with torch.device("meta"):
             if isinstance(hparams.get("encoder"), Mapping):
-                encoder = ClipEncoder(dict(hparams["encoder"]))
+                encoder = build_encoder(dict(hparams["encoder"]))
                 built.update({f"encoder.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()})
             if isinstance(hparams.get("decoder"), Mapping):
                 wte = next((v for k, v in shapes.items() if re.fullmatch(r"decoder\..*\b(?:wte|embed_tokens)\.weight", k)), None)
