@@ -37,6 +37,14 @@ def build_encoder(spec, precision: str = "fp32"):
     return SOURCES[source](spec, precision)
 
 
+def random_tower(spec) -> bool:
+    """Whether `spec` builds its tower from sizes alone (no file, no download): such a build can run on the
+    meta device to compare a checkpoint's shapes before anything is allocated."""
+    if not isinstance(spec, Mapping):
+        return False
+    return source_of(spec) == "clip" or ("config" in spec and not weight_files(spec))
+
+
 def weight_files(spec) -> list[Path]:
     """The local files a tower spec loads its weights from (a feature store hashes them: a file rebuilt at the same
     path makes new features); published names and random towers name none."""
