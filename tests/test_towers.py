@@ -27,6 +27,7 @@ def towers(tmp_path_factory) -> dict[str, dict]:
         "open_clip_siglip": save_open_clip(root / "open_clip_siglip", open_clip_siglip_config(root / "open_clip_siglip")),
         "transformers_clip": save_transformers(root / "transformers_clip", "clip"),
         "transformers_siglip": save_transformers(root / "transformers_siglip", "siglip"),
+        "transformers_clip_vision": save_transformers(root / "transformers_clip_vision", "clip", vision_only=True),
     }
 
 
