@@ -136,3 +136,15 @@ def test_the_store_key_changes_when_the_weights_change(towers, tmp_path):
     save_transformers(tmp_path / "t", "clip", seed=2)
     assert before and encoder_digest(spec) != before
     assert json.dumps(spec)  # the spec itself is plain JSON: the manifest stores it whole
+
+
+def test_the_siglip_model_config_names_an_open_clip_tower_and_its_file(tmp_path):
+    from omegaconf import OmegaConf
+
+    from conftest import compose_train
+
+    cfg = compose_train(tmp_path, tmp_path, ["experiment=coco_attn", "model=siglip", f"model.encoder.checkpoint={tmp_path / 'nope.bin'}"])
+    spec = OmegaConf.to_container(cfg.model.encoder)
+    assert spec["source"] == "open_clip" and spec["name"] == "ViT-B-16-SigLIP" and spec["layer"] == -1
+    with pytest.raises(FileNotFoundError, match="model.encoder.checkpoint: checkpoint file .*nope.bin does not exist"):
+        build_encoder(spec)
