@@ -148,3 +148,21 @@ def test_the_siglip_model_config_names_an_open_clip_tower_and_its_file(tmp_path)
     assert spec["source"] == "open_clip" and spec["name"] == "ViT-B-16-SigLIP" and spec["layer"] == -1
     with pytest.raises(FileNotFoundError, match="model.encoder.checkpoint: checkpoint file .*nope.bin does not exist"):
         build_encoder(spec)
+
+
+def test_onnx_export_refuses_a_tower_whose_preprocessing_it_would_not_reproduce(towers):
+    from types import SimpleNamespace
+
+    from captioner.onnx_graphs import unsupported
+
+    refused = unsupported(SimpleNamespace(encoder=build_encoder(towers["transformers_siglip"])))
+    assert refused and "transformers tower" in refused and "preprocesses images as OpenAI's CLIP" in refused
+
+
+def test_the_model_card_and_the_page_name_a_tower_by_its_weights(towers):
+    from captioner.model_card import _spec
+    from captioner.web.identity import _name
+
+    card = _spec({**towers["open_clip_vit"], "layer": -2})
+    assert "open_clip" in card and towers["open_clip_vit"]["checkpoint"] in card and "layer -2" in card and "random" not in card
+    assert _name(towers["transformers_clip"]) == "transformers_clip"
