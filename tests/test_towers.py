@@ -166,3 +166,12 @@ def test_the_model_card_and_the_page_name_a_tower_by_its_weights(towers):
     card = _spec({**towers["open_clip_vit"], "layer": -2})
     assert "open_clip" in card and towers["open_clip_vit"]["checkpoint"] in card and "layer -2" in card and "random" not in card
     assert _name(towers["transformers_clip"]) == "transformers_clip"
+
+
+def test_a_spec_straight_from_the_config_builds_the_same_tower(towers):
+    """Hydra hands the spec over as a DictConfig; open_clip's constructors test for dict."""
+    from omegaconf import OmegaConf
+
+    tower = build_encoder(OmegaConf.create(towers["open_clip_siglip"]))
+    pixels = tower.preprocess(_image(1))[None]
+    torch.testing.assert_close(tower(pixels)["clip_features"], build_encoder(towers["open_clip_siglip"])(pixels)["clip_features"])

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import mmap
-
 from collections.abc import Sequence
 from pathlib import Path
 

@@ -9,10 +9,12 @@ tensor, the model's own), `encode_text(texts) -> (B, E)` where it has a text tow
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -53,7 +55,8 @@ class Tower(nn.Module):
         super().__init__()
         if precision not in DTYPES:  # before any weights load
             raise ValueError(f"encoder precision {precision!r}: choose one of {sorted(DTYPES)} (model.encoder_precision)")
-        self.spec = dict(spec)
+        # plain containers all the way down: open_clip and transformers test for dict, not Mapping
+        self.spec = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else copy.deepcopy(dict(spec))
 
     def _finish(self, precision: str, depth: int) -> None:
         """Freeze, cast, pick the layer and read every dimension from one forward of a blank image."""
