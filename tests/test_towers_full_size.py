@@ -75,7 +75,7 @@ def test_siglip_and_gpt2_at_full_size_extract_train_and_caption(saved, tmp_path)
 
     train_dir = tmp_path / "train"
     run_stage(stages, "train (3 steps)", "captioner.train", *common, "trainer.max_steps=3", "trainer.limit_val_batches=1",
-              "model.val_cider_images=2", "model.val_decoding.max_new_tokens=5", "data.batch_size=4", "score=false",
+              "model.val_cider_images=2", "+model.val_decoding.max_new_tokens=5", "data.batch_size=4", "score=false",
               "score_meteor=false", f"hydra.run.dir={train_dir}")
     ckpt = train_dir / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 3
