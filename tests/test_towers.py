@@ -175,3 +175,19 @@ def test_a_spec_straight_from_the_config_builds_the_same_tower(towers):
     tower = build_encoder(OmegaConf.create(towers["open_clip_siglip"]))
     pixels = tower.preprocess(_image(1))[None]
     torch.testing.assert_close(tower(pixels)["clip_features"], build_encoder(towers["open_clip_siglip"])(pixels)["clip_features"])
+
+
+def test_a_hub_tokenizer_out_of_reach_is_one_line_and_a_saved_one_embeds(tmp_path):
+    """open_clip's SigLIP reads captions with an HF tokenizer: offline and uncached it refuses text in one line
+    naming the fix; `tokenizer: DIR` (a saved tokenizer) embeds."""
+    from towers_saved import _tokenizer
+
+    config = open_clip_siglip_config(tmp_path)
+    config["text_cfg"]["hf_tokenizer_name"] = "timm/ViT-B-16-SigLIP"
+    tower = build_encoder({"source": "open_clip", "config": config})
+    with pytest.raises(NoTextTowerError, match=r"model.encoder.tokenizer=DIR") as refused:
+        tower.encode_text(["a red circle"])
+    assert "\n" not in str(refused.value)
+    _tokenizer(tmp_path / "tokenizer")
+    tower = build_encoder({"source": "open_clip", "config": config, "tokenizer": str(tmp_path / "tokenizer")})
+    assert tower.encode_text(["a red circle", "a dog"]).shape == (2, tower.embed_dim)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -153,13 +154,25 @@ class OpenClipTower(Tower):
             length, kwargs = text.get("context_length", 77), dict(text.get("tokenizer_kwargs") or {})
             source = str(local_file(self.spec, "tokenizer", "tokenizer directory")) if self.spec.get("tokenizer") \
                 else text.get("hf_tokenizer_name")
-            if source and not self.spec.get("tokenizer") and not reachable("huggingface.co"):
+            if source and not self.spec.get("tokenizer"):
+                source = self._cached(source)
+            if source and not Path(source).is_dir() and not reachable("huggingface.co"):
                 raise self.refuse_text(f"reads captions with the tokenizer {source!r}, which huggingface.co would give "
                                        f"and cannot be reached; save it (AutoTokenizer.from_pretrained({source!r})"
                                        ".save_pretrained(DIR)) and set model.encoder.tokenizer=DIR")
             self._tokenizer = HFTokenizer(source, context_length=length, tokenizer_mode=text.get("tokenizer_mode"), **kwargs) \
                 if source else open_clip.SimpleTokenizer(context_length=length, **kwargs)
         return self._tokenizer
+
+    @staticmethod
+    def _cached(repo: str) -> str:
+        """The local snapshot of a hub tokenizer when the cache holds one (no network), else its name."""
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(repo, local_files_only=True)
+        except Exception:  # not cached (huggingface_hub raises several kinds): the name, downloaded if reachable
+            return repo
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
