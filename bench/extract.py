@@ -9,6 +9,10 @@ the image, preprocess it and encode it alone, so each image is encoded once per 
 The baseline is timed on a subset and reported per image, half before and half after ours, so a
 change in load on a shared machine affects both. CPU seconds per image (this process and its
 DataLoader workers) are printed too: unlike wall time they do not depend on other processes' load.
+
+`--siglip N` adds our extraction of N images with open_clip's ViT-B-16-SigLIP (random weights at the
+published size: 224 px, 196 patch tokens of width 768, no class token; `--siglip 0` leaves it out),
+with its share of the machine's peak like the other rows.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from captioner.data.coco import load_karpathy  # noqa: E402
 from captioner.data.extraction import open_or_extract  # noqa: E402
 from captioner.data.images import load_image  # noqa: E402
 from captioner.models.encoder import ClipEncoder  # noqa: E402
+from captioner.models.towers import build_encoder  # noqa: E402
 
+SIGLIP = {"source": "open_clip", "name": "ViT-B-16-SigLIP", "random": True}
 VIT_B_32 = dict(  # clip.model.CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12)
     embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
     context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12,
@@ -44,11 +50,11 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def ours(records, encoder: ClipEncoder, batch_size: int, workers: int) -> float:
+def ours(records, encoder: ClipEncoder, batch_size: int, workers: int, spec=VIT_B_32) -> float:
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
         store = open_or_extract(
-            Path(directory) / "store", records, lambda: encoder, VIT_B_32, "bench",
+            Path(directory) / "store", records, lambda: encoder, spec, "bench",
             batch_size=batch_size, num_workers=workers, dtype="fp16", tokens=True,
         )
         seconds = time.perf_counter() - start
@@ -75,6 +81,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no spin-waiting on a shared machine)")
+    parser.add_argument("--siglip", type=int, default=32, help="images open_clip's ViT-B-16-SigLIP extracts (0: none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     split_file = args.data / "annotations" / "dataset_coco_mini_karpathy_format.json"
@@ -109,6 +116,18 @@ def main() -> None:
     table.add_row(f"ours: per image, batch {args.batch_size}, {args.workers} workers", str(len(records)), str(len(records)),
                   f"{ours_s:.1f}", f"{ours_rate:.2f}", f"{ours_rate / base_rate:.1f}x",
                   f"{ours_cpu / len(records):.2f}", *per_batch.cells(1 / ours_rate, peak))
+    if args.siglip:
+        tower = build_encoder(SIGLIP)
+        few = records[: args.siglip]
+        tower(torch.zeros(1, 3, tower.resolution, tower.resolution))  # warm-up, as above
+        cpu = cpu_seconds()
+        siglip_s = ours(few, tower, args.batch_size, args.workers, SIGLIP)
+        siglip_cpu = cpu_seconds() - cpu
+        size = tower.resolution
+        work = roofline.measure(lambda: tower(torch.zeros(args.batch_size, 3, size, size))).scaled(1 / args.batch_size)
+        table.add_row(f"ours, open_clip ViT-B-16-SigLIP ({tower.num_tokens} tokens)", str(len(few)), str(len(few)),
+                      f"{siglip_s:.1f}", f"{len(few) / siglip_s:.2f}", "", f"{siglip_cpu / len(few):.2f}",
+                      *work.cells(siglip_s / len(few), peak))
     console = Console(width=150)
     console.print(peak.line())
     console.print(table)

@@ -69,7 +69,7 @@ def check_sizes(hparams: Mapping, shapes: Mapping[str, Sequence[int]], source, r
     must match the weights' shape; a config that asks for other sizes (`n_layer: 2000`) is refused before
     anything is allocated. `rebuilt`: keys the weights leave out on purpose (tied weights)."""
     from captioner.models.decoder import load_decoder
-    from captioner.models.encoder import ClipEncoder
+    from captioner.models.towers import build_encoder, random_tower
 
     # the model core's parts sit under `model.`; older checkpoints hold them at the top
     shapes = {k.removeprefix("model."): v for k, v in shapes.items()}
@@ -85,8 +85,8 @@ def check_sizes(hparams: Mapping, shapes: Mapping[str, Sequence[int]], source, r
     built: dict[str, tuple] = {}
     if not problems:
         with torch.device("meta"):
-            if isinstance(hparams.get("encoder"), Mapping):
-                encoder = ClipEncoder(dict(hparams["encoder"]))
+            if random_tower(hparams.get("encoder")):  # a tower loading files checks them itself, strictly
+                encoder = build_encoder(dict(hparams["encoder"]))
                 built.update({f"encoder.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()})
             if isinstance(hparams.get("decoder"), Mapping):
                 wte = next((v for k, v in shapes.items() if re.fullmatch(r"decoder\..*\b(?:wte|embed_tokens)\.weight", k)), None)

@@ -103,11 +103,11 @@ def load_scorer(model_encoder, spec: str | Mapping | None = None) -> tuple[ClipS
     """(scorer, own): the model's CLIP when `spec` is None, else the CLIP that `spec` names or builds."""
     if spec is None:
         return ClipScorer(model_encoder), True
-    from captioner.models.encoder import ClipEncoder
+    from captioner.models.towers import build_encoder
     from captioner.models.hub import MissingWeightsError
 
     try:
-        return ClipScorer(ClipEncoder(spec)), False
+        return ClipScorer(build_encoder(spec)), False
     except (ValueError, MissingWeightsError) as e:  # the loader names model.encoder: this CLIP is clipscore.model's
         raise type(e)(str(e).replace("model.encoder", "clipscore.model")) from None
 

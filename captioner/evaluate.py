@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from captioner import clipscore
+from captioner.models.tower import NoTextTowerError
 from captioner.api import Captioner
 from captioner.checkpoint import read_checkpoint
 from captioner.config import hydra_main
@@ -60,10 +61,14 @@ def run(cfg: DictConfig) -> dict:
         datamodule = datamodule_for(cfg.ckpt_path, cfg.split, cfg.data)
         split = cfg.split
         captions, scores = score_split(captioner, datamodule, split, decoding_from(cfg.decoding), cfg.meteor, cfg.spice, fair=True)
-        clip = clipscore.score_split(captioner.module.encoder, datamodule, split, captions, cfg.clipscore.model)
-        clipscore.add_to(scores.sections, clip)
-        for image_id, values in clip["per_image"].items():
-            scores.per_image[image_id].update(values)
+        try:
+            clip = clipscore.score_split(captioner.module.encoder, datamodule, split, captions, cfg.clipscore.model)
+        except NoTextTowerError as refused:  # an image-only tower: every other score stands
+            scores.unavailable["CLIPScore"] = str(refused)
+        else:
+            clipscore.add_to(scores.sections, clip)
+            for image_id, values in clip["per_image"].items():
+                scores.per_image[image_id].update(values)
         title = f"{split} split of {cfg.ckpt_path}: {len(captions)} images"
     else:
         raise ValueError("nothing to evaluate: pass ckpt_path=... (caption a split) or results=... references=... (score a file)")

@@ -29,6 +29,10 @@ LIMITATIONS = """\
 
 def _spec(spec) -> str:
     """A part as the config names it: a published name or path, or the sizes of a randomly built one."""
+    if isinstance(spec, Mapping) and spec.get("source") in ("open_clip", "transformers"):  # a vision tower (models/towers.py)
+        random = spec.get("random") or ("config" in spec and not spec.get("checkpoint"))
+        weights = "random weights" if random else f"weights from `{spec.get('checkpoint') or spec.get('path') or spec.get('pretrained')}`"
+        return f"{spec['source']} `{spec.get('name') or spec.get('path') or 'model config'}` ({weights}), layer {spec.get('layer', -1)}"
     if isinstance(spec, Mapping):
         return "built with random weights: " + ", ".join(f"{k}={v}" for k, v in spec.items())
     return f"`{spec}`"

@@ -94,6 +94,9 @@ def _export(model: nn.Module, args: tuple, path: Path, inputs: list[str], output
 
 def unsupported(module) -> str | None:
     """Why this model cannot be exported, or None."""
+    source = getattr(module.encoder, "source", "clip")
+    if source != "clip":  # onnx_runtime preprocesses as OpenAI's CLIP does
+        return f"the ONNX engine preprocesses images as OpenAI's CLIP does, not as this {source} tower does: export without onnx"
     if hasattr(module, "describe_features"):
         return "a retrieval model's datastore search runs in PyTorch: its prompt cannot be an ONNX graph"
     if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in module.modules()):

@@ -42,13 +42,14 @@ def _plain(value):
     return json.loads(json.dumps(value))  # tuples -> lists: as the manifest reads back
 
 
-def is_current(directory: Path, wanted: Mapping, what: str) -> bool:
-    """True when `directory` holds a finished build of exactly `wanted`; says why when it must be rebuilt."""
+def is_current(directory: Path, wanted: Mapping, what: str, defaults: Mapping = {}) -> bool:
+    """True when `directory` holds a finished build of exactly `wanted`; says why when it must be rebuilt.
+    `defaults`: the value of a setting a manifest written before that setting existed was built with."""
     manifest = directory / "manifest.json"
     if not manifest.is_file():
         return False
     found = json.loads(manifest.read_text())
-    changed = [f"{k}: {found.get(k)!r} -> {v!r}" for k, v in wanted.items() if found.get(k) != v]
+    changed = [f"{k}: {found.get(k)!r} -> {v!r}" for k, v in wanted.items() if found.get(k, defaults.get(k)) != v]
     if not changed:
         return True
     print(f"{what} in {directory} was built with other settings ({'; '.join(changed)[:300]}): rebuilding")
@@ -135,8 +136,10 @@ def build_clip(
     preload: bool = True,
     val_every: int | None = 100,
     loggers: Sequence = (),
+    loss: str = "infonce",
 ) -> Path:
-    """`out/clip.pt`: a CLIP of architecture `arch` trained contrastively on the pairs of `train`."""
+    """`out/clip.pt`: a CLIP of architecture `arch` trained contrastively (`loss`: infonce | sigmoid) on the
+    pairs of `train`."""
     from captioner.contrastive import ContrastiveCLIP
 
     out = Path(out)
@@ -145,12 +148,13 @@ def build_clip(
         "kind": "contrastive CLIP", "version": MANIFEST_VERSION, "arch": _plain(arch), "steps": steps,
         "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
         "seed": seed, "precision": precision, "pairs": sum(len(r.captions) for r in records), "data": pairs_hash(records),
+        "loss": loss,
     }
     with sole_writer(out), torch.random.fork_rng(devices=[]):
-        if is_current(out, wanted, "the pretrained CLIP"):
+        if is_current(out, wanted, "the pretrained CLIP", defaults={"loss": "infonce"}):  # CLIPs from before the option
             return out / "clip.pt"
         torch.manual_seed(seed)
-        module = ContrastiveCLIP(arch, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, seed=seed)
+        module = ContrastiveCLIP(arch, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, seed=seed, loss=loss)
         from clip.clip import _transform
 
         dataset = partial(ImageCaptionPairs, preprocess=_transform(module.clip.visual.input_resolution),

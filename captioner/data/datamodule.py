@@ -30,7 +30,7 @@ from captioner.data.noise import add_noise
 from captioner.data.sampler import ResumableLoader, training_sampler
 from captioner.data.synthetic import write_dataset
 from captioner.models.decoder import load_tokenizer
-from captioner.models.encoder import ClipEncoder
+from captioner.models.towers import build_encoder
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -82,7 +82,7 @@ class CaptionDataModule(L.LightningDataModule):
             store = open_or_extract(
                 Path(self.hparams.cache_dir) / f"{split}-{key}",
                 records,
-                encoder_factory=partial(ClipEncoder, encoder_spec, self.hparams.precision),
+                encoder_factory=partial(build_encoder, encoder_spec, self.hparams.precision),
                 encoder_spec=encoder_spec,
                 split=split,
                 precision=self.hparams.precision,
@@ -102,7 +102,7 @@ class CaptionDataModule(L.LightningDataModule):
         key = store_key("\n".join(urls), hp.encoder)
         with torch.random.fork_rng(devices=[]):
             return shards.open_or_extract(
-                Path(hp.cache_dir) / f"{split}-{key}", urls, partial(ClipEncoder, hp.encoder, hp.precision), hp.encoder, split,
+                Path(hp.cache_dir) / f"{split}-{key}", urls, partial(build_encoder, hp.encoder, hp.precision), hp.encoder, split,
                 precision=hp.precision, dtype=hp.feature_dtype, tokens=hp.patch_tokens, batch_size=hp.extract_batch_size,
                 num_workers=hp.num_workers, bad_images=hp.bad_images, **distributed,
             )

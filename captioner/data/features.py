@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import mmap
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 
 from captioner.data.coco import ImageRecord
 from captioner.data.manifest import MANIFEST, plain
+from captioner.models.towers import weight_files
 
 STORE_VERSION = 1
 
@@ -63,13 +63,18 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def encoder_digest(encoder_spec) -> str | None:
-    """The content hash of an encoder given as a local file (a pretrained or user CLIP), else None:
-    a file rebuilt at the same path makes new features, not a silently stale store."""
-    if not isinstance(encoder_spec, (str, os.PathLike)) or not Path(encoder_spec).expanduser().is_file():
+    """The content hash of the local files an encoder loads (a pretrained or user CLIP file, an open_clip
+    checkpoint, a save_pretrained directory), else None: a file rebuilt at the same path makes new features,
+    not a silently stale store."""
+    files = weight_files(encoder_spec)
+    if not files:
         return None
-    path = Path(encoder_spec).expanduser().resolve()
-    stat = path.stat()
-    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+    digests = []
+    for path in files:
+        path = path.resolve()
+        stat = path.stat()
+        digests.append(_file_sha256(str(path), stat.st_size, stat.st_mtime_ns))
+    return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
 def store_key(images: str, encoder_spec) -> str:

@@ -29,8 +29,8 @@ from captioner.data.coco import ImageRecord, load_records
 from captioner.data.datamodule import CaptionDataModule, CaptionDataset
 from captioner.data.features import encoder_digest
 from captioner.data.manifest import MANIFEST, check_manifest, plain, read_manifest, sole_writer, write_json
-from captioner.models.encoder import ClipEncoder
 from captioner.models.registry import MAPPERS
+from captioner.models.towers import build_encoder
 
 TEXT_STORE_VERSION = 1
 
@@ -117,7 +117,7 @@ class TextCaptionDataModule(CaptionDataModule):
             open_or_encode,
             Path(self.hparams.cache_dir) / f"train-text-{self._store_key(records)}",
             records,
-            encoder_factory=partial(ClipEncoder, spec, self.hparams.precision),
+            encoder_factory=partial(build_encoder, spec, self.hparams.precision),
             encoder_spec=spec,
             precision=self.hparams.precision,
             dtype=self.hparams.feature_dtype,

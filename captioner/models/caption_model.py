@@ -27,8 +27,8 @@ from torch import nn
 from captioner.generate import Decoding, generate
 from captioner.models import lora as lora_adapters
 from captioner.models.decoder import hidden_size, load_decoder, load_tokenizer, max_positions
-from captioner.models.encoder import ClipEncoder
 from captioner.models.registry import build_mapper
+from captioner.models.towers import build_encoder
 
 DECODER_MODES = ("finetune", "frozen", "lora")
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class CaptionModel(nn.Module):
         if decoder_mode not in DECODER_MODES:
             raise ValueError(f"decoder_mode={decoder_mode!r} is not one of {DECODER_MODES} (model.decoder_mode)")
         self.decoder_mode, self.normalize_features = decoder_mode, normalize_features
-        self.encoder = ClipEncoder(encoder, precision=encoder_precision)  # random weights: the spec's seed, as in the store
+        self.encoder = build_encoder(encoder, precision=encoder_precision)  # random weights: the spec's seed, as in the store
         self.tokenizer = load_tokenizer(tokenizer)
         self.decoder = load_decoder(decoder, self.tokenizer, seed=seed)
         mapper = dict(mapper or {"name": "attention"})

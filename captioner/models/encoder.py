@@ -129,6 +129,9 @@ class ClipEncoder(nn.Module):
     before attention pooling (N = (resolution/32)^2, W = its channels).
     """
 
+    source = "clip"
+    has_text = True
+
     def __init__(self, spec: str | Mapping, precision: str = "fp32", seed: int | None = None):
         super().__init__()
         if precision not in DTYPES:  # before CLIP loads
