@@ -98,10 +98,11 @@ if [ "$DEVICE" = cuda ]; then  # torch.compile on a CPU takes minutes of C++ com
   stage "train (model.compile=true)" "$PYTHON" -m captioner.train "${COMMON[@]}" "${TRAIN[@]}" +model.compile=true "hydra.run.dir=$OUT/train_compiled"
 fi
 CKPT=$OUT/train/checkpoints/last.ckpt
-stage "evaluate (test split)" "$PYTHON" -m captioner.evaluate "ckpt_path=$CKPT" split=test "device=$DEVICE" decoding.strategy=beam \
-  decoding.num_beams=3 "decoding.max_new_tokens=$TOKENS" meteor=false "hydra.run.dir=$OUT/evaluate"
+# the checkpoint names a TorchScript CLIP file (as OpenAI ships it): loading it runs code, so it is named here
+stage "evaluate (test split)" "$PYTHON" -m captioner.evaluate "ckpt_path=$CKPT" "encoder=$W/ViT-B-32.pt" split=test "device=$DEVICE" \
+  decoding.strategy=beam decoding.num_beams=3 "decoding.max_new_tokens=$TOKENS" meteor=false "hydra.run.dir=$OUT/evaluate"
 PHOTOS=$(find "$DATA/images" -name '*.jpg' | sort | head -n 4)
-stage "caption (4 photos)" "$PYTHON" -m captioner.caption --ckpt "$CKPT" --device "$DEVICE" --max-new-tokens "$TOKENS" \
+stage "caption (4 photos)" "$PYTHON" -m captioner.caption --ckpt "$CKPT" --encoder "$W/ViT-B-32.pt" --device "$DEVICE" --max-new-tokens "$TOKENS" \
   -o "$OUT/captions.jsonl" $PHOTOS
 stage "bench/train.py" "$PYTHON" bench/train.py "${BENCH_TRAIN[@]}"
 stage "bench/decode.py" "$PYTHON" bench/decode.py --tokenizer "$TOKENIZER" "${BENCH_DECODE[@]}"

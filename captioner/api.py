@@ -32,12 +32,13 @@ class Caption:
     retrieved: tuple[str, ...] | None = None  # the datastore captions in the prompt (retrieval models only)
 
 
-def load_module(path: str | Path):
-    """A CaptionModule from a Lightning checkpoint or an exported directory (captioner/checkpoint.py)."""
+def load_module(path: str | Path, **overrides):
+    """A CaptionModule from a Lightning checkpoint or an exported directory (captioner/checkpoint.py);
+    `overrides` replace saved hyperparameters (`encoder=` a CLIP file the user vouches for)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist: pass a .ckpt file from a run's checkpoints/ folder")
-    return checkpoint.load_module(path)
+    return checkpoint.load_module(path, **overrides)
 
 
 def _as_list(images) -> tuple[list, bool]:
@@ -75,7 +76,8 @@ class Captioner:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", int8: bool = False, precision: str = "fp32",
-                        datastore: str | Path | None = None, prepacked: bool = True, engine: str = "torch") -> "Captioner":
+                        datastore: str | Path | None = None, prepacked: bool = True, engine: str = "torch",
+                        encoder: str | None = None) -> "Captioner":
         """Load a Lightning checkpoint (`.ckpt`) or an exported safetensors directory.
 
         `int8=True` quantizes GPT-2's and the mapper's Linear layers to int8 for CPU inference
@@ -86,7 +88,9 @@ class Captioner:
         In fp32 on the CPU, GPT-2's and the mapper's weights are reordered once into oneDNN's layout
         (captioner/prepack.py: same captions, faster decoding); `prepacked=False` keeps them as stored.
         `path` may be a Hub repo id (`user/repo`, read through huggingface_hub's cache; captioner/hub_repo.py);
-        `engine="onnx"` runs an export's ONNX graphs in ONNX Runtime instead (captioner/onnx_runtime.py)."""
+        `engine="onnx"` runs an export's ONNX graphs in ONNX Runtime instead (captioner/onnx_runtime.py).
+        `encoder=FILE` loads that CLIP file instead of the one the checkpoint names: the way to vouch for a
+        TorchScript file (it runs code when loaded), which is never loaded on a checkpoint's word alone."""
         dtype_of(precision)  # a wrong name fails before the checkpoint loads
         path = hub_repo.resolve(path)
         if engine == "onnx":
@@ -97,7 +101,7 @@ class Captioner:
             return cls(OnnxModule(path, device), device)
         if engine != "torch":
             raise ValueError(f"engine={engine!r}: choose torch or onnx")
-        module = load_module(path)
+        module = load_module(path, **({"encoder": encoder} if encoder else {}))
         module.model.merge_adapters()  # LoRA: one plain decoder to quantize, prepack or cast (same logits)
         if datastore is not None:
             from captioner.retrieval import Datastore

@@ -97,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="CLIP's and GPT-2's weights (the mapper stays fp32)")
     parser.add_argument("--engine", choices=["torch", "onnx"], default="torch", help="onnx: an export's ONNX graphs in ONNX Runtime (export with onnx=true)")
     parser.add_argument("--datastore", help="a retrieval model's datastore directory in place of its own (captioner/retrieval.py)")
+    parser.add_argument("--encoder", help="a CLIP file to load instead of the one the checkpoint names (vouches for a TorchScript file)")
     return parser.parse_args(argv)
 
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # a missing or foreign checkpoint, absent weights: one line, no traceback
         captioner = Captioner.from_pretrained(args.ckpt, device=args.device, int8=args.int8, precision=args.precision,
-                                             datastore=args.datastore, engine=args.engine)
+                                             datastore=args.datastore, engine=args.engine, encoder=args.encoder)
     except (FileNotFoundError, ValueError, MissingWeightsError) as e:
         print(f"error: {e} (--ckpt)", file=sys.stderr)
         return 2

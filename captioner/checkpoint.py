@@ -43,7 +43,8 @@ def refuse_named_code(hparams: Mapping, overrides: Mapping, source) -> None:
     if path.is_file() and _is_torchscript(path):
         raise UnsafeCheckpointError(
             f"{source} names the encoder {path}, a TorchScript file, which runs code when loaded: refusing to load it "
-            f"on the checkpoint's word. If you trust that file, name it yourself: load_module(..., encoder='{path}')"
+            f"on the checkpoint's word. If you trust that file, name it yourself: encoder={path} (evaluate, serve), "
+            f"--encoder {path} (caption) or Captioner.from_pretrained(..., encoder='{path}')"
         )
 
 

@@ -57,7 +57,8 @@ def run(cfg: DictConfig) -> dict:
         title = f"{cfg.results}: {len(captions)} images"
         split = None
     elif cfg.ckpt_path:
-        captioner = Captioner.from_pretrained(cfg.ckpt_path, device=cfg.device, int8=cfg.int8, precision=cfg.precision)
+        captioner = Captioner.from_pretrained(cfg.ckpt_path, device=cfg.device, int8=cfg.int8, precision=cfg.precision,
+                                             encoder=cfg.encoder)
         datamodule = datamodule_for(cfg.ckpt_path, cfg.split, cfg.data)
         split = cfg.split
         captions, scores = score_split(captioner, datamodule, split, decoding_from(cfg.decoding), cfg.meteor, cfg.spice, fair=True)

@@ -36,7 +36,7 @@ def build_app(cfg: DictConfig):
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     captioner = Captioner.from_pretrained(cfg.ckpt, device=cfg.device, int8=cfg.int8, precision=cfg.precision, datastore=cfg.get("datastore"),
-                                         engine=cfg.get("engine", "torch"))
+                                         engine=cfg.get("engine", "torch"), encoder=cfg.get("encoder"))
     return create_app(captioner, Limits(**cfg.limits), max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
                       api_key=cfg.api_key or None, model=describe_model(cfg.ckpt))
 

@@ -73,3 +73,37 @@ def test_carried_tokenizer_files_live_in_a_private_directory_and_planted_content
     (tmp_path / directory.parent.parent.name).chmod(0o777)
     with pytest.raises(PermissionError, match="is not a private directory of this user"):
         write_tokenizer(files)
+
+
+def test_a_torchscript_clip_the_user_names_loads_from_every_entry_point(trained, tmp_path):  # noqa: F811
+    """A run trained on OpenAI's TorchScript file (as OpenAI ships CLIP) names that file: it is refused on the
+    checkpoint's word, and loads when the user names it (`encoder=`, `--encoder`), with the same captions."""
+    import subprocess
+    import sys
+
+    import clip
+
+    from captioner.api import Captioner
+    from captioner.models.encoder import load_clip
+    from conftest import ROOT
+
+    checkpoint = read_checkpoint(trained[0])
+    model = load_clip(checkpoint["hyper_parameters"]["encoder"]).eval()
+    pixels = torch.zeros(1, 3, model.visual.input_resolution, model.visual.input_resolution)
+    tokens = clip.tokenize(["a shape"], context_length=model.context_length)
+    scripted = tmp_path / "ViT-tiny.pt"
+    with torch.no_grad():
+        torch.jit.save(torch.jit.trace(model, (pixels, tokens), check_trace=False), str(scripted))
+    checkpoint["hyper_parameters"]["encoder"] = str(scripted)
+    torch.save(checkpoint, tmp_path / "scripted.ckpt")
+
+    with pytest.raises(UnsafeCheckpointError, match=rf"encoder={scripted} \(evaluate, serve\), --encoder {scripted} \(caption\)"):
+        Captioner.from_pretrained(tmp_path / "scripted.ckpt")
+    image = tmp_path / "scene.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(image)
+    expected = Captioner.from_pretrained(trained[0]).caption(str(image))
+    done = subprocess.run([sys.executable, "-m", "captioner.caption", "--ckpt", str(tmp_path / "scripted.ckpt"),
+                           "--encoder", str(scripted), str(image)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and expected in done.stdout, done.stdout + done.stderr[-2000:]
