@@ -2,6 +2,7 @@
 
     python bench/decode.py                       # full-size ViT-B/32 + GPT-2 124M, random weights, 2 threads
     python bench/decode.py --decoder smollm2-135m  # the same with a Llama decoder of SmolLM2-135M's shape
+    python bench/decode.py --decoder smollm2-135m --only latency --runs 3 --no-onnx --no-clipcap   # quick: ours vs HF generate
     python bench/decode.py --ckpt /work/trained/embedded.ckpt   # also: int8 and bf16 vs fp32 captions of a trained model
 
 Every method runs in this process on the same random model and image, writes exactly
@@ -106,6 +107,7 @@ def ours(module, pixels: torch.Tensor, decoding: Decoding) -> list[list[int]]:
 WARMUP = 1  # untimed first calls per method (--warmup)
 PACKED = "ours, prepacked, fp32 (the API's fp32 CPU default)"
 ONNX = "ONNX Runtime, fp32 (same loop, work counted as ours fp32)"
+CLIPCAP = "ClipCap-style loop (no cache)"
 
 
 def onnx_graphs(module, threads: int):
@@ -149,7 +151,7 @@ def latency_table(module, int8, packed, onnx, pixels, eos, args, console, peak) 
         hf, dynamic = dataclasses.replace(d, engine="hf"), dataclasses.replace(d, kv_cache="dynamic")
         clipcap = (lambda: clipcap_beam(module, pixels, eos, args.tokens)) if strategy == "beam" else (lambda: clipcap_greedy(module, pixels, eos, args.tokens))
         methods = {
-            "ClipCap-style loop (no cache)": clipcap,
+            **({CLIPCAP: clipcap} if args.clipcap else {}),
             "HF generate (cache), fp32": lambda: ours(module, pixels, hf)[0],
             "ours, DynamicCache, fp32": lambda: ours(module, pixels, dynamic)[0],
             "ours, preallocated cache, fp32": lambda: ours(module, pixels, d)[0],
@@ -172,7 +174,8 @@ def latency_table(module, int8, packed, onnx, pixels, eos, args, console, peak) 
             t.add_column(column, justify="left" if column == "method" else "right")
         for name, seconds in times.items():
             same = "yes" if outputs[name] == reference else "no"
-            t.add_row(name, f"{seconds:.3f}", f"{seconds / times['ClipCap-style loop (no cache)']:.3f}", f"{seconds / times['HF generate (cache), fp32']:.3f}",
+            versus_loop = f"{seconds / times[CLIPCAP]:.3f}" if CLIPCAP in times else "-"
+            t.add_row(name, f"{seconds:.3f}", versus_loop, f"{seconds / times['HF generate (cache), fp32']:.3f}",
                       same, *works[name].cells(seconds, peak))
         console.print(t)
         ours32 = PACKED if packed is not None else "ours, preallocated cache, fp32"
@@ -181,9 +184,9 @@ def latency_table(module, int8, packed, onnx, pixels, eos, args, console, peak) 
         if onnx is not None:
             results[f"{strategy}/onnx_vs_ours_fp32"] = times[ONNX] / times[ours32]
             results[f"{strategy}/onnx_same_tokens"] = outputs[ONNX] == reference
-        weights = sum(p.numel() * p.element_size() for p in module.decoder.parameters())  # lm_head is tied to wte: counted once
+        weights = sum(p.numel() * p.element_size() for p in module.decoder.parameters())  # a tied lm_head is counted once
         floor = args.tokens * weights / (peak.read_gbs * 1e9)
-        console.print(f"  floor: GPT-2's {weights / 1e6:.0f} MB of weights read once per step, {args.tokens} steps at {peak.read_gbs:.1f} GB/s = "
+        console.print(f"  floor: the decoder's {weights / 1e6:.0f} MB of weights read once per step, {args.tokens} steps at {peak.read_gbs:.1f} GB/s = "
                       f"{floor:.3f} s; ours fp32 {times[ours32]:.3f} s is {100 * floor / times[ours32]:.0f} % of that floor's speed "
                       f"(the rest: the image encoder, the prefix, and per-step work)")
     return results
@@ -256,6 +259,9 @@ def main() -> None:
     parser.add_argument("--ckpt", help="a trained checkpoint: report int8 and bf16 vs fp32 caption agreement on its test split")
     parser.add_argument("--skip-speed", action="store_true", help="only the --ckpt agreement")
     parser.add_argument("--only", choices=["latency", "throughput"], help="run one of the two speed tables")
+    parser.add_argument("--clipcap", action=argparse.BooleanOptionalAction, default=True,
+                        help="the ClipCap-style loop's row in the latency table (--no-clipcap: it recomputes the whole sequence every step, "
+                             "by far the slowest row at full size)")
     parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                         help="the ONNX Runtime row in the latency table (CPU only; --no-onnx skips the export)")
     args = parser.parse_args()

@@ -1,8 +1,9 @@
-"""Language-model pretraining of a GPT-2 on caption text alone, the miniature of GPT-2's pretraining.
+"""Language-model pretraining of a decoder (GPT-2, or a Llama-style or any `model_type` architecture)
+on caption text alone, the miniature of a published LM's pretraining.
 
 ClipCap's frozen-GPT-2 variant assumes a decoder that already writes the language; a randomly
-initialised tiny GPT-2 does not. Trained here on the training captions (no image), it is saved with
-`save_pretrained`, so `model.decoder=DIR` loads it like the published `gpt2`.
+initialised tiny decoder does not. Trained here on the training captions (no image), it is saved with
+`save_pretrained`, so `model.decoder=DIR` loads it like the published `gpt2` or SmolLM2.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ class CaptionLM(L.LightningModule):
 
     def __init__(
         self,
-        arch: Mapping,  # GPT2Config fields (or {arch: gpt2, ...}); the vocabulary comes from the tokenizer
-        tokenizer: str,  # a directory with vocab.json + merges.txt
+        arch: Mapping,  # GPT2Config fields (or {arch: gpt2, ...}), or {model_type: llama, ...}; the vocabulary comes from the tokenizer
+        tokenizer: str,  # a tokenizer directory (models/decoder.py::load_tokenizer)
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_steps: int = 100,

@@ -1,7 +1,7 @@
-"""python -m captioner.pretrain_lm [overrides]: language-model pretraining of GPT-2 on caption text.
+"""python -m captioner.pretrain_lm [overrides]: language-model pretraining of a decoder on caption text.
 
-The embedded default's tiny GPT-2 (and its tokenizer) by default (`python -m captioner.train` builds it first when absent);
-the captions of any training split and any GPT-2 size through `conf/pretrain_lm.yaml`.
+The embedded default's tiny GPT-2 (and its tokenizer) by default (`python -m captioner.train` builds it first when absent),
+the Llama-style one with `pretrain/lm=llama`; the captions of any training split and any size through `conf/pretrain_lm.yaml`.
 """
 
 from __future__ import annotations

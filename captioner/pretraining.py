@@ -2,7 +2,8 @@
 
     tokenizer  a byte-level BPE in GPT-2's format (vocab.json + merges.txt) trained on the captions
     clip       a CLIP contrastively pretrained on the image-caption pairs (clip.pt, a state dict)
-    lm         a GPT-2 language-model pretrained on the captions (a save_pretrained directory)
+    lm         a decoder (GPT-2, or any `model_type` such as llama) language-model pretrained on the
+               captions (a save_pretrained directory)
 
 Each step writes into its own directory with a `manifest.json` (what was built from what: settings,
 seed, steps and a hash of the training data), written last. A directory whose manifest equals the
@@ -180,11 +181,19 @@ def build_clip(
 
 
 def _fit_context(arch: Mapping, texts: Sequence[CaptionTexts | None]) -> dict:
-    """`arch` with a context (`n_positions`) long enough for the longest text: captions of other data
-    (and several to a text, `captions_per_text`) run longer than the embedded default's."""
+    """`arch` with a context long enough for the longest text: captions of other data (and several to
+    a text, `captions_per_text`) run longer than the embedded default's. The context is `n_positions`
+    for GPT-2's fields, `max_position_embeddings` for a `model_type` architecture (models/decoder.py)."""
     longest = max((len(item["input_ids"]) for t in texts if t for item in t.items), default=0)
-    positions = resolve(arch, GPT2_ARCHS, "pretrain.lm.arch").get("n_positions", 1024)  # GPT2Config's default
-    return {**arch, "n_positions": max(positions, longest)}
+    if "model_type" in arch:
+        from transformers import AutoConfig
+
+        key = "max_position_embeddings"
+        positions = arch.get(key) or getattr(AutoConfig.for_model(arch["model_type"]), key, 0)
+    else:
+        key = "n_positions"
+        positions = resolve(arch, GPT2_ARCHS, "pretrain.lm.arch").get(key, 1024)  # GPT2Config's default
+    return {**arch, key: max(positions, longest)}
 
 
 def build_lm(
@@ -205,12 +214,12 @@ def build_lm(
     val_every: int | None = 250,
     loggers: Sequence = (),
 ) -> Path:
-    """`out/`: a GPT-2 of architecture `arch` pretrained as a language model on the training captions,
+    """`out/`: a causal LM of architecture `arch` (GPT2Config fields, or a `model_type` mapping) pretrained as a language model on the training captions,
     `captions_per_text` captions of one image to a text (data/pairs.py::CaptionTexts)."""
     from captioner.caption_lm import CaptionLM
 
     out = Path(out)
-    records = _records(train, "GPT-2 pretraining")
+    records = _records(train, "decoder pretraining")
     vocab = Path(tokenizer) / "vocab.json"
     wanted = {
         "kind": "caption language model", "version": MANIFEST_VERSION, "arch": _plain(arch), "steps": steps,
@@ -220,16 +229,16 @@ def build_lm(
         "tokenizer": hashlib.sha256(vocab.read_bytes()).hexdigest() if vocab.is_file() else str(tokenizer),
     }
     with sole_writer(out), torch.random.fork_rng(devices=[]):
-        if is_current(out, wanted, "the pretrained GPT-2"):
+        if is_current(out, wanted, "the pretrained decoder"):
             return out
         torch.manual_seed(seed)
         text_tokenizer = load_tokenizer(str(tokenizer))
         texts = CaptionTexts(records, text_tokenizer, max_tokens, captions_per_text)
-        val_texts = CaptionTexts(_records(val, "GPT-2 validation"), text_tokenizer, max_tokens, captions_per_text) if val else None
+        val_texts = CaptionTexts(_records(val, "decoder validation"), text_tokenizer, max_tokens, captions_per_text) if val else None
         module = CaptionLM(_fit_context(arch, [texts, val_texts]), str(tokenizer), lr=lr, weight_decay=weight_decay,
                            warmup_steps=warmup_steps, seed=seed)
         pad = partial(collate, pad_id=module.tokenizer.pad_token_id)
-        loader = DataLoader(texts, batch_size=_batch(batch_size, len(texts), "GPT-2 pretraining"), shuffle=True,
+        loader = DataLoader(texts, batch_size=_batch(batch_size, len(texts), "decoder pretraining"), shuffle=True,
                             drop_last=True, collate_fn=pad, generator=torch.Generator().manual_seed(seed))
         val_loader = DataLoader(val_texts, batch_size=256, collate_fn=pad) if val_texts else None
         out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from captioner.pretraining import build_clip, build_lm, build_tokenizer
 from conftest import CONF
 
 PRETRAIN = OmegaConf.to_container(OmegaConf.load(CONF / "pretrain" / "tiny.yaml"))
-LM_ARCH = {**PRETRAIN["lm"]["arch"], "n_layer": 1, "n_embd": 32, "n_head": 2}  # the default's context of 64 positions
+LM_ARCH = {**OmegaConf.load(CONF / "pretrain" / "lm" / "gpt2.yaml")["arch"], "n_layer": 1, "n_embd": 32, "n_head": 2}  # the default's context of 64 positions
 
 
 def test_real_captions_two_to_a_text_get_a_context_that_holds_them(coco_mini, tmp_path):
