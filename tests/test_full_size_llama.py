@@ -80,7 +80,7 @@ def test_a_smollm2_sized_llama_decoder_trains_exports_and_captions(smollm2_shape
     run_stage(stages, "extract", "captioner.extract", *common, f"hydra.run.dir={tmp_path / 'extract'}")
     train_dir = tmp_path / "train"
     done = run_stage(stages, "train (3 steps, batch 8)", "captioner.train", *common, "trainer.max_steps=3", "trainer.limit_val_batches=1",
-                     "model.val_cider_images=4", "+model.val_decoding.max_new_tokens=5", "data.batch_size=8", "score=false", "score_meteor=false",
+                     "model.val_cider_images=4", "model.val_decoding.max_new_tokens=5", "data.batch_size=8", "score=false", "score_meteor=false",
                      f"hydra.run.dir={train_dir}")
     assert "trainable parameters (finetune decoder)" in done.stdout + done.stderr
     ckpt = train_dir / "checkpoints" / "last.ckpt"
