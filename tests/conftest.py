@@ -24,9 +24,14 @@ import captioner.config  # noqa: E402,F401 - the run_id resolver and the config 
 
 def compose_train(output_dir: Path, data_dir: Path, overrides: list[str] = ()) -> DictConfig:
     """The real `conf/train.yaml`, composed as `python -m captioner.train` would, run dir in `output_dir`."""
+    return compose_app("train", output_dir, data_dir, overrides)
+
+
+def compose_app(config_name: str, output_dir: Path, data_dir: Path, overrides: list[str] = ()) -> DictConfig:
+    """The real `conf/<config_name>.yaml`, composed as its entry point would, run dir in `output_dir`."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)
         cfg.hydra.runtime.cwd = str(ROOT)

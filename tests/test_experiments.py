@@ -11,14 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from captioner.extract import run as extract
 from captioner.train import run
-from conftest import CONF, ROOT, SHARED_DATA, compose_train
+from conftest import CONF, SHARED_DATA, compose_app, compose_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 COCO_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("coco_")]
@@ -30,17 +27,6 @@ TOY_CLIP = {  # clip.model.CLIP arguments; the text tower keeps CLIP's BPE vocab
     "context_length": 16, "vocab_size": 49408, "transformer_width": 32, "transformer_heads": 2, "transformer_layers": 1,
 }
 TOY_GPT2 = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64}
-
-
-def compose_extract(output_dir: Path, data_dir: Path, overrides: list[str]) -> DictConfig:
-    """The real `conf/extract.yaml`, composed as `python -m captioner.extract` would."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("extract", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir, cfg.hydra.runtime.cwd, cfg.paths.data_dir = str(output_dir), str(ROOT), str(data_dir)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 def flow(mapping: dict) -> str:
@@ -108,7 +94,7 @@ def test_every_experiment_runs_at_tiny_size(experiment, tmp_path, data_dir):
                       # experiment=smoke's few pretraining steps: the path runs, in seconds
                       "pretrain.clip.steps=4", "pretrain.clip.batch_size=32", "pretrain.clip.warmup_steps=1", "pretrain.clip.val_every=2",
                       "pretrain.lm.steps=4", "pretrain.lm.batch_size=16", "pretrain.lm.warmup_steps=1", "pretrain.lm.val_every=2"]
-    stores = extract(compose_extract(tmp_path / "extract", data_dir, [o for o in overrides if not o.startswith("debug=")]))
+    stores = extract(compose_app("extract", tmp_path / "extract", data_dir, [o for o in overrides if not o.startswith("debug=")]))
     assert {"train", "val", "test"} <= set(stores)
     written = {s: (p / "manifest.json").stat().st_mtime_ns for s, p in stores.items()}
     cfg = compose_train(tmp_path / "run", data_dir, overrides + ["score_meteor=false"])

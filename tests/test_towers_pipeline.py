@@ -6,12 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from conftest import CONF, ROOT, compose_train, pretrained
+from conftest import compose_app, compose_train, pretrained
 from test_towers import towers  # noqa: F401 - the session's saved towers
 
 PIPELINE = [  # each tower and the layer its mapper reads
@@ -31,19 +28,6 @@ def _with_encoder(cfg, spec):
     return cfg
 
 
-def compose_extract(output_dir, data_dir, overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("extract", overrides=list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.runtime.cwd = str(ROOT)
-        cfg.hydra.job.num = 0
-        cfg.paths.data_dir = str(data_dir)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
-
 @pytest.mark.parametrize(("kind", "layer"), PIPELINE)
 def test_each_tower_extracts_trains_evaluates_and_captions(kind, layer, towers, tmp_path, capsys):  # noqa: F811
     from captioner.caption import main as caption
@@ -54,7 +38,7 @@ def test_each_tower_extracts_trains_evaluates_and_captions(kind, layer, towers, 
 
     spec = {**towers[kind], "layer": layer}
     data = tmp_path / "data"
-    stores = extract(_with_encoder(compose_extract(tmp_path / "extract", data, SMOKE), spec))
+    stores = extract(_with_encoder(compose_app("extract", tmp_path / "extract", data, SMOKE), spec))
     manifest = json.loads((stores["train"] / "manifest.json").read_text())
     assert manifest["encoder"] == spec and manifest["encoder_sha256"]  # the whole spec, and the weights' hash
     capsys.readouterr()
