@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from captioner.models.decoder import write_tokenizer
+from captioner.models.encoder import clip_name, renamed
 from captioner.module import CaptionModule
 from captioner.scratch import private_dir
 
@@ -36,8 +37,8 @@ def refuse_named_code(hparams: Mapping, overrides: Mapping, source) -> None:
     is loaded that way; published CLIP names are fetched and checked by `clip` itself."""
     from captioner.models.encoder import _is_torchscript
 
-    spec = hparams.get("encoder")
-    if "encoder" in overrides or not isinstance(spec, (str, os.PathLike)):
+    spec = clip_name(hparams.get("encoder"))
+    if "encoder" in overrides or spec is None:
         return
     path = Path(spec).expanduser()
     if path.is_file() and _is_torchscript(path):
@@ -171,9 +172,10 @@ def _module_from_hparams(hparams: dict, overrides: dict):
 
 
 def _moved(spec) -> bool:
-    """A local path that is no longer there (not a published name, not a mapping)."""
+    """A local path that is no longer there (not a published name, not a random build)."""
     import clip
 
+    spec = clip_name(spec) if isinstance(spec, Mapping) else spec
     return isinstance(spec, str) and spec not in clip.available_models() and ("/" in spec or spec.endswith(".pt")) \
         and not Path(spec).expanduser().exists()
 
@@ -203,7 +205,7 @@ def _architectures(hparams: dict, checkpoint: dict, overrides: dict) -> dict:
         if not file.is_file():
             torch.save(state, file.with_suffix(f".{os.getpid()}"))
             os.replace(file.with_suffix(f".{os.getpid()}"), file)
-        specs["encoder"] = str(file)
+        specs["encoder"] = renamed(hparams["encoder"], str(file))
     if "decoder" not in overrides and _moved(hparams.get("decoder")) and checkpoint.get("decoder_config"):
         # the saved config of any family, built at random (model_type selects the architecture), then loaded
         config = dict(checkpoint["decoder_config"])
@@ -250,8 +252,9 @@ def _load_export(path: Path, map_location, overrides: dict):
     hparams = dict(config["hyper_parameters"])
     if (path / "tokenizer").is_dir():
         hparams["tokenizer"] = str(path / "tokenizer")
-    if isinstance(hparams.get("encoder"), str) and (path / hparams["encoder"]).is_file():  # the export's clip.pt
-        hparams["encoder"] = str(path / hparams["encoder"])
+    name = clip_name(hparams.get("encoder"))
+    if name is not None and (path / name).is_file():  # the export's clip.pt
+        hparams["encoder"] = renamed(hparams["encoder"], str(path / name))
     refuse_named_code(hparams, overrides, path)
     with safe_open(str(path / WEIGHTS), "pt") as header:  # shapes from the header: no tensor is read
         shapes = {k: tuple(header.get_slice(k).get_shape()) for k in header.keys()}

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from captioner import hub_repo, model_card
 from captioner.checkpoint import CONFIG, WEIGHTS, clip_state, load_module, read_checkpoint
 from captioner.config import ConfigError, hydra_main
+from captioner.models.encoder import clip_name, renamed
 from captioner.models.decoder import tokenizer_files
 
 _UMASK = os.umask(0)
@@ -47,7 +48,7 @@ def _exported_weights(module) -> tuple[dict, list[str]]:
     """(tensors to save, state-dict keys the config rebuilds instead)."""
     hp = module.hparams
     pretrained_frozen = []
-    if isinstance(hp.encoder, str):  # a published name, or the clip.pt the export carries (_local_specs)
+    if clip_name(hp.encoder) is not None:  # a published name, or the clip.pt the export carries (_local_specs)
         pretrained_frozen.append("model.encoder.")
     if isinstance(hp.decoder, str) and module.model.decoder_mode == "frozen" and not _local(hp.decoder):
         pretrained_frozen.append("model.decoder.")
@@ -77,11 +78,11 @@ def _local_specs(module, out: Path) -> dict:
     from captioner.checkpoint import UNBUILT_CONFIG_KEYS
 
     specs = {}
-    if _local(module.hparams.encoder):
+    if _local(clip_name(module.hparams.encoder)):
         state = clip_state({k: v.detach().clone() for k, v in module.model.state_dict().items()})  # model.encoder=FILE reads it
         torch.save(state, out / "clip.pt")
         os.chmod(out / "clip.pt", _FILE_MODE)
-        specs["encoder"] = "clip.pt"  # checkpoint.load_module reads it from the export directory
+        specs["encoder"] = renamed(module.hparams.encoder, "clip.pt")  # checkpoint.load_module reads it from the export directory
     if _local(module.hparams.decoder):  # any family: model_type selects the architecture, built at random
         config = module.decoder.config.to_dict()
         specs["decoder"] = {k: v for k, v in config.items() if k not in UNBUILT_CONFIG_KEYS}

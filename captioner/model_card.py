@@ -33,6 +33,8 @@ def _spec(spec) -> str:
         random = spec.get("random") or ("config" in spec and not spec.get("checkpoint"))
         weights = "random weights" if random else f"weights from `{spec.get('checkpoint') or spec.get('path') or spec.get('pretrained')}`"
         return f"{spec['source']} `{spec.get('name') or spec.get('path') or 'model config'}` ({weights}), layer {spec.get('layer', -1)}"
+    if isinstance(spec, Mapping) and spec.get("name") is not None:  # an OpenAI CLIP read at another layer
+        return f"`{spec['name']}`, layer {spec.get('layer', -1)}"
     if isinstance(spec, Mapping):
         return "built with random weights: " + ", ".join(f"{k}={v}" for k, v in spec.items())
     return f"`{spec}`"

@@ -3,7 +3,8 @@
 Every OpenAI CLIP works by name (RN50, RN101, RN50x4, RN50x16, RN50x64, ViT-B/32, ViT-B/16, ViT-L/14,
 ViT-L/14@336px), by local `.pt` file, or at any size with random weights (a mapping of `clip.model.CLIP`
 arguments, optionally `arch: NAME` for a published size; see `captioner/models/zoo.py`). Every dimension
-is read from the loaded model.
+is read from the loaded model. A ViT's patch tokens come from its last block unless the spec names another
+(`{name: ViT-B/32, layer: -2}`, or `layer:` beside the sizes of a random build).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import clip  # noqa: E402
 from clip.model import CLIP, ModifiedResNet, build_model  # noqa: E402
 
 from captioner.models.hub import missing, reachable
+from captioner.models.tower import block_index
 from captioner.models.zoo import CLIP_ARCHS, resolve
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -42,6 +44,34 @@ def _is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as archive:
         return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+
+
+def clip_name(spec) -> str | None:
+    """The published name or local file an OpenAI-clip spec loads (the string itself, or a mapping's `name`);
+    None for a random build or a tower of another source."""
+    if isinstance(spec, (str, os.PathLike)):
+        return str(spec)
+    if isinstance(spec, Mapping) and spec.get("source", "clip") == "clip" and spec.get("name") is not None:
+        return str(spec["name"])
+    return None
+
+
+def renamed(spec, name: str):
+    """`spec` loading `name` instead, with everything else (its `layer`) kept."""
+    return name if isinstance(spec, (str, os.PathLike)) else {**spec, "name": name}
+
+
+def split_layer(spec: str | Mapping) -> tuple[str | Mapping, int]:
+    """(what `load_clip` reads, the block whose patch tokens are read: -1 unless the spec says `layer:`)."""
+    if not isinstance(spec, Mapping):
+        return spec, -1
+    rest = {k: v for k, v in spec.items() if k not in ("layer", "source")}
+    layer = spec.get("layer", -1)
+    if "name" in rest:
+        if len(rest) > 1:
+            raise ValueError(f"model.encoder: a named CLIP takes `name` and `layer` only, not {sorted(set(rest) - {'name'})}")
+        return str(rest["name"]), layer
+    return rest, layer
 
 
 def load_clip(spec: str | Mapping, seed: int | None = None) -> CLIP:
@@ -124,9 +154,10 @@ class ClipText(nn.Module):
 class ClipEncoder(nn.Module):
     """Frozen CLIP: `forward(pixels)` -> {"clip_features": (B, E), "patch_tokens": (B, N, W)}.
 
-    For ViTs the patch tokens are the last layer's tokens after `ln_post` and the projection (W = E), so
-    `clip_features` is exactly CLIP's `encode_image`. For ResNets they are the final feature grid
-    before attention pooling (N = (resolution/32)^2, W = its channels).
+    For ViTs the patch tokens are a block's tokens after `ln_post` and the projection (W = E): the last
+    block's by default, so `clip_features` (always exactly CLIP's `encode_image`) and the tokens share one
+    space; `layer: k` reads block k's output through the same `ln_post` and projection. For ResNets they
+    are the final feature grid before attention pooling (N = (resolution/32)^2, W = its channels).
     """
 
     source = "clip"
@@ -136,6 +167,7 @@ class ClipEncoder(nn.Module):
         super().__init__()
         if precision not in DTYPES:  # before CLIP loads
             raise ValueError(f"encoder precision {precision!r}: choose one of {sorted(DTYPES)} (model.encoder_precision)")
+        spec, layer = split_layer(spec)
         model = load_clip(spec, seed)
         self.visual = model.visual
         self.text = ClipText(model)  # text-only training (CapDec) embeds captions with it
@@ -146,9 +178,14 @@ class ClipEncoder(nn.Module):
         self.resolution = v.input_resolution
         self.embed_dim = v.output_dim
         if isinstance(v, ModifiedResNet):
+            if layer != -1:
+                raise ValueError(f"model.encoder.layer={layer!r}: a ResNet CLIP gives its final feature grid only; drop `layer`")
+            self.layer = -1
             self.token_dim = v.attnpool.k_proj.in_features
             self.num_tokens = v.attnpool.positional_embedding.shape[0] - 1  # grid cells, without the mean token
         else:
+            depth = len(v.transformer.resblocks)
+            self.layer = block_index(layer, depth)
             self.token_dim = v.output_dim
             self.num_tokens = v.positional_embedding.shape[0] - 1  # patches, without the class token
 
@@ -175,10 +212,15 @@ class ClipEncoder(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, g*g, W)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # (B, 1+N, W)
-        x = v.ln_pre(x)
-        x = v.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # clip's transformer is (L, B, W)
-        x = v.ln_post(x) @ v.proj  # (B, 1+N, E)
-        return {"clip_features": x[:, 0].float(), "patch_tokens": x[:, 1:].float()}
+        x = v.ln_pre(x).permute(1, 0, 2)  # clip's transformer is (L, B, W)
+        for i, block in enumerate(v.transformer.resblocks):  # what clip's transformer runs, block by block
+            x = block(x)
+            if i == self.layer:
+                chosen = x
+        x = v.ln_post(x.permute(1, 0, 2)) @ v.proj  # (B, 1+N, E): the class token is encode_image
+        # an earlier block's tokens go through the same ln_post and projection
+        chosen = x if self.layer == len(v.transformer.resblocks) - 1 else v.ln_post(chosen.permute(1, 0, 2)) @ v.proj
+        return {"clip_features": x[:, 0].float(), "patch_tokens": chosen[:, 1:].float()}
 
     def _resnet(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         v = self.visual

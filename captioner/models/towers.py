@@ -42,14 +42,16 @@ def random_tower(spec) -> bool:
     meta device to compare a checkpoint's shapes before anything is allocated."""
     if not isinstance(spec, Mapping):
         return False
-    return source_of(spec) == "clip" or ("config" in spec and not weight_files(spec))
+    if source_of(spec) == "clip":
+        return spec.get("name") is None
+    return "config" in spec and not weight_files(spec)
 
 
 def weight_files(spec) -> list[Path]:
     """The local files a tower spec loads its weights from (a feature store hashes them: a file rebuilt at the same
     path makes new features); published names and random towers name none."""
     if isinstance(spec, Mapping):
-        named = [spec.get(k) for k in ("checkpoint", "path")]
+        named = [spec.get(k) for k in ("checkpoint", "path", "name")]  # a published name is no file: skipped below
         paths = [Path(str(p)).expanduser() for p in named if p]
     else:
         paths = [Path(str(spec)).expanduser()]
