@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=1600, help="regions scenes to probe (a quarter held out)")
     parser.add_argument("--random-patch", type=int, nargs="*", default=[],
                         help="also probe random towers of these patch sizes (8: a 8x8 grid at 64 px)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[-1],
+                        help="the pretrained tower's blocks whose patch tokens are probed (-1: the last, what the default reads)")
     args = parser.parse_args()
     torch.manual_seed(0)
     clip_path = args.clip or args.root / "features" / "pretrained" / "clip" / "clip.pt"
@@ -113,7 +115,8 @@ def main() -> None:
     arch = {"embed_dim": v.output_dim, "image_resolution": v.input_resolution, "vision_layers": len(v.transformer.resblocks),
             "vision_width": v.conv1.out_channels, "vision_patch_size": v.conv1.kernel_size[0], "context_length": 32,
             "vocab_size": 49408, "transformer_width": 64, "transformer_heads": 1, "transformer_layers": 1}
-    towers = {"pretrained": pretrained, "random": ClipEncoder(arch, seed=0)}
+    towers = {("pretrained" if k == -1 else f"pretrained, block {k}"): ClipEncoder({"name": str(clip_path), "layer": k}) for k in args.layers}
+    towers["random"] = ClipEncoder(arch, seed=0)
     for patch in args.random_patch:
         towers[f"random, patch {patch}"] = ClipEncoder({**arch, "vision_patch_size": patch}, seed=0)
     table = Table(title=f"corner content (21 classes) from {len(paths)} regions scenes, {int((~train).sum())} held out")
