@@ -2,7 +2,8 @@
 
     python bench/bridges.py outputs/train/multiruns/<sweep>            # every job of one or more sweeps
 
-For each job: its bridge, test scene accuracy overall and on rows of three, fair CIDEr (% of the humans'),
+For each job: its bridge, the tower's patch-token layer and pretraining loss, test scene accuracy overall, on
+rows of three and on the corner-bound `regions` layout (where the data has it), fair CIDEr (% of the humans'),
 trainable parameters, prefix length, the run's wall time, and the decode latency per image of its best
 checkpoint (greedy, one image at a time, `--images` test images, the median of `--runs` passes, one
 thread: the same work for every bridge, measured here one after another in this process).
@@ -55,10 +56,15 @@ def row(run: Path, images: int, runs: int) -> dict:
     test = Path(config["data"]["splits"]["test"]["images"])
     files = sorted(p for p in test.iterdir() if p.suffix == ".png")[:images]
     scene = scores["scene"]
+    encoder = config["model"]["encoder"]
+    regions = scene["by_layout"].get("regions")
     return {
         "bridge": config["model"]["mapper"]["name"],
+        "layer": encoder.get("layer", -1) if isinstance(encoder, dict) else -1,
+        "tower loss": config["pretrain"]["clip"]["loss"] if config.get("pretrain") else "-",
         "scene accuracy": f"{100 * scene['accuracy']:.1f} %",
         "rows of three": f"{100 * scene['by_layout']['triple']:.1f} %",
+        "regions": "-" if regions is None else f"{100 * regions:.1f} %",
         "fair CIDEr, % of human": f"{scores['fair']['percent_of_human']['CIDEr']:.1f}",
         "trainable parameters": f"{model.trainable_parameters()['all'][0]:,}",
         "mapper parameters": f"{sum(p.numel() for p in model.mapper.parameters()):,}",

@@ -171,6 +171,14 @@ def _module_from_hparams(hparams: dict, overrides: dict):
     return CaptionModule(**hparams)
 
 
+def _named_file(hparams: Mapping, overrides: dict) -> dict:
+    """`encoder=FILE` names the file the model's OpenAI CLIP loads; the block it was trained to read stays its own."""
+    saved, given = hparams.get("encoder"), overrides.get("encoder")
+    if isinstance(given, (str, os.PathLike)) and isinstance(saved, Mapping) and clip_name(saved) is not None:
+        return {**overrides, "encoder": renamed(saved, str(given))}
+    return overrides
+
+
 def _moved(spec) -> bool:
     """A local path that is no longer there (not a published name, not a random build)."""
     import clip
@@ -230,6 +238,7 @@ def load_module(path: str | os.PathLike, map_location="cpu", **overrides):
     if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ValueError(f"{path} is not a captioner Lightning checkpoint (no state_dict / hyper_parameters)")
     hparams = dict(checkpoint["hyper_parameters"])
+    overrides = _named_file(hparams, overrides)
     if checkpoint.get("tokenizer_files") and "tokenizer" not in overrides:  # carried by CaptionModule.on_save_checkpoint
         hparams["tokenizer"] = str(write_tokenizer(checkpoint["tokenizer_files"]))
     hparams.update(_architectures(hparams, checkpoint, overrides))
@@ -250,6 +259,7 @@ def _load_export(path: Path, map_location, overrides: dict):
         )
     config = json.loads((path / CONFIG).read_text())
     hparams = dict(config["hyper_parameters"])
+    overrides = _named_file(hparams, overrides)
     if (path / "tokenizer").is_dir():
         hparams["tokenizer"] = str(path / "tokenizer")
     name = clip_name(hparams.get("encoder"))

@@ -71,6 +71,7 @@ def test_an_export_carries_a_named_clip_with_its_layer_and_a_torchscript_one_is_
     checkpoint["hyper_parameters"]["encoder"] = {"name": original, "layer": 0}  # same weights, an earlier block read
     torch.save(checkpoint, tmp_path / "layer0.ckpt")
     assert load_module(tmp_path / "layer0.ckpt").model.encoder.layer == 0
+    assert load_module(tmp_path / "layer0.ckpt", encoder=original).model.encoder.layer == 0  # encoder=FILE keeps the trained block
     exported = export(tmp_path / "layer0.ckpt", tmp_path / "export")
     config = json.loads((exported / "config.json").read_text())
     assert config["hyper_parameters"]["encoder"] == {"name": "clip.pt", "layer": 0}  # carried, the path made its own
