@@ -166,6 +166,9 @@ def right(caption: str, objects: list[dict]) -> bool:
 def score(root: Path, captions_file: Path) -> dict:
     truth = {im["id"]: im["truth"] for im in json.loads((root / "annotations" / "captions_test.json").read_text())["images"]}
     captions = {int(r["image_id"]): r["caption"] for r in json.loads(captions_file.read_text())}
+    if not captions or set(captions) - set(truth):
+        raise SystemExit(f"error: {captions_file} holds captions of images this world's test split ({root}) does not have: "
+                         "score the captions_test.json of a run trained on it")
     kinds = {1: "one object", 2: "two objects"}
     totals, correct, examples = Counter(), Counter(), []
     for image_id, caption in captions.items():

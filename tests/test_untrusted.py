@@ -84,17 +84,17 @@ def test_a_torchscript_clip_the_user_names_loads_from_every_entry_point(trained,
     import clip
 
     from captioner.api import Captioner
-    from captioner.models.encoder import load_clip
+    from captioner.models.encoder import clip_name, load_clip, renamed
     from conftest import ROOT
 
     checkpoint = read_checkpoint(trained[0])
-    model = load_clip(checkpoint["hyper_parameters"]["encoder"]).eval()
+    model = load_clip(clip_name(checkpoint["hyper_parameters"]["encoder"])).eval()
     pixels = torch.zeros(1, 3, model.visual.input_resolution, model.visual.input_resolution)
     tokens = clip.tokenize(["a shape"], context_length=model.context_length)
     scripted = tmp_path / "ViT-tiny.pt"
     with torch.no_grad():
         torch.jit.save(torch.jit.trace(model, (pixels, tokens), check_trace=False), str(scripted))
-    checkpoint["hyper_parameters"]["encoder"] = str(scripted)
+    checkpoint["hyper_parameters"]["encoder"] = renamed(checkpoint["hyper_parameters"]["encoder"], str(scripted))
     torch.save(checkpoint, tmp_path / "scripted.ckpt")
 
     with pytest.raises(UnsafeCheckpointError, match=rf"encoder={scripted} \(evaluate, serve\), --encoder {scripted} \(caption\)"):
