@@ -35,6 +35,7 @@ from rich.table import Table
 SIZE = 96
 BACKGROUND = (28, 30, 36)
 COLOURS = {"cyan": (20, 200, 220), "pink": (240, 110, 180), "orange": (245, 140, 20), "lime": (150, 230, 40), "white": (235, 235, 235)}
+COLOURS_WORDS = {c: (c,) for c in COLOURS}
 SHAPES = ("ring", "cross", "star", "hexagon")
 SHAPE_WORDS = {"ring": ("ring", "hoop"), "cross": ("cross", "plus sign"), "star": ("star",), "hexagon": ("hexagon", "six-sided figure")}
 ROWS = {"top": 1 / 6, "middle": 3 / 6, "bottom": 5 / 6}
@@ -86,8 +87,6 @@ def phrase(o: dict, rng: random.Random) -> tuple[str, str]:
     """(the object, its place) in words."""
     return f"{rng.choice(COLOURS_WORDS[o['colour']])} {rng.choice(SHAPE_WORDS[o['shape']])}", rng.choice(PLACE_WORDS[o["place"]])
 
-
-COLOURS_WORDS = {c: (c,) for c in COLOURS}
 
 
 def describe(objects: list[dict], rng: random.Random) -> str:

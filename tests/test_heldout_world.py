@@ -1,0 +1,45 @@
+"""The held-out world of bench/heldout_world.py: every reference caption it writes is right by its own parser,
+swapped places and a wrong shape are wrong, and captions of another data set are refused in one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import heldout_world  # noqa: E402
+
+PAIR = [{"shape": "ring", "colour": "cyan", "place": "top left"}, {"shape": "cross", "colour": "pink", "place": "centre"}]
+
+
+def test_every_reference_is_right_and_the_test_split_scores_its_own_captions(tmp_path):
+    heldout_world.write(tmp_path, {"train": 30, "val": 5, "test": 20}, seed=1)
+    data = json.loads((tmp_path / "annotations" / "captions_test.json").read_text())
+    truth = {im["id"]: im["truth"] for im in data["images"]}
+    assert {len(t) for t in truth.values()} == {1, 2} and all("scene" not in im for im in data["images"])
+    assert all(heldout_world.right(a["caption"], truth[a["image_id"]]) for a in data["annotations"])
+    first = {}
+    for a in data["annotations"]:
+        first.setdefault(a["image_id"], a["caption"])
+    (tmp_path / "captions.json").write_text(json.dumps([{"image_id": i, "caption": c} for i, c in first.items()]))
+    assert heldout_world.score(tmp_path, tmp_path / "captions.json")["accuracy"] == 1.0
+
+
+def test_places_bind_to_their_own_objects():
+    assert heldout_world.right("a cyan ring in the top left and a pink cross in the centre", PAIR)
+    assert heldout_world.right("in the middle a pink plus sign, a cyan hoop at the upper left", PAIR)
+    assert not heldout_world.right("a cyan ring in the centre and a pink cross in the top left", PAIR)  # swapped
+    assert not heldout_world.right("a cyan star in the top left and a pink cross in the centre", PAIR)  # a wrong shape
+    assert not heldout_world.right("a cyan ring in the top left", PAIR)  # one object missing
+    assert not heldout_world.right("a cyan ring and a pink cross in the top left and the centre", PAIR)  # places not bound
+
+
+def test_captions_of_other_images_are_one_line(tmp_path):
+    heldout_world.write(tmp_path, {"train": 2, "val": 1, "test": 2}, seed=1)
+    (tmp_path / "captions.json").write_text(json.dumps([{"image_id": 999, "caption": "a red circle"}]))
+    with pytest.raises(SystemExit, match="error: .* holds captions of images this world's test split"):
+        heldout_world.score(tmp_path, tmp_path / "captions.json")
