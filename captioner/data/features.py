@@ -81,7 +81,8 @@ def store_key(images: str, encoder_spec) -> str:
     """The name of a split's store in the cache directory from what names its images (`identity_hash`
     of its records: a replaced corrupt file resumes the same store; or its shard list) and the encoder
     (another CLIP, or a rebuilt pretrained one, gets a store of its own)."""
-    identity = json.dumps([images, encoder_spec, encoder_digest(encoder_spec)], default=str, sort_keys=True)
+    # plain(): a spec given as an OmegaConf mapping names the same store as the same spec as a dict
+    identity = json.dumps([images, plain(encoder_spec), encoder_digest(encoder_spec)], default=str, sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 

@@ -136,7 +136,7 @@ class TextCaptionDataModule(CaptionDataModule):
     def _store_key(self, records: list[ImageRecord]) -> str:
         """Captions and the encoding settings: another CLIP gets its own store, not a stale-store error."""
         encoder = self.hparams.encoder
-        what = [caption_hash(records), encoder, encoder_digest(encoder), self.hparams.precision, self.hparams.feature_dtype]
+        what = [caption_hash(records), plain(encoder), encoder_digest(encoder), self.hparams.precision, self.hparams.feature_dtype]
         return hashlib.sha256(json.dumps(what, default=str, sort_keys=True).encode()).hexdigest()[:12]
 
     def setup(self, stage: str | None = None) -> None:
