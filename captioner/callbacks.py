@@ -79,6 +79,14 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
+            fit = trainer.fit_loop
+            if fit.epoch_progress.current.completed == fit.epoch_progress.current.ready:
+                # the signal ended an epoch (Lightning raises after counting it complete): save it as the next
+                # epoch's start; with the ended epoch's batch count kept, a resume would take the next epoch
+                # for already run and stop training one epoch early
+                fit.epoch_loop.batch_progress.reset_on_run()
+                fit.epoch_loop.scheduler_progress.reset_on_run()
+                fit.epoch_loop.automatic_optimization.optim_progress.reset_on_run()
             trainer.save_checkpoint(self.ckpt_path)
             rank_zero_warn(f"SIGTERM at step {trainer.global_step}: saved {self.ckpt_path}; resume with ckpt_path=auto")
 

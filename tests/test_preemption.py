@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -55,6 +56,36 @@ def test_sigterm_saves_the_current_step_exits_non_zero_and_auto_resume_ends_like
     final = read_checkpoint(preempted / "checkpoints" / "last.ckpt")
     assert final["global_step"] == expected["global_step"]
     for name, weight in expected["state_dict"].items():  # same data order, noise and moments: the same weights
+        torch.testing.assert_close(final["state_dict"][name], weight, rtol=0, atol=0, msg=name)
+
+
+class SigtermAtFirstEpochEnd(L.Callback):
+    """Delivers SIGTERM as Lightning's handler does (its flag), while the first epoch ends: Lightning then
+    raises after counting that epoch complete, the moment a real signal during end-of-epoch validation hits."""
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if trainer.current_epoch == 0:
+            trainer._signal_connector.received_sigterm = True
+
+
+def test_sigterm_at_an_epoch_end_resumes_into_the_next_epoch_not_past_it(tmp_path, data_dir, one_thread):
+    reference = pretrained(compose_train(tmp_path / "reference", data_dir, [*SCHEDULE, "+callbacks.probe._target_=test_resume.Probe"]))
+    Probe.ended.clear()
+    run(reference)
+    expected = read_checkpoint(tmp_path / "reference" / "checkpoints" / "last.ckpt")
+
+    preempted = tmp_path / "preempted"
+    with pytest.raises(SystemExit) as exited:
+        run(compose_train(preempted, data_dir, [*SCHEDULE, "+callbacks.sigterm._target_=test_preemption.SigtermAtFirstEpochEnd"]))
+    assert exited.value.code == 128 + signal.SIGTERM
+    saved = read_checkpoint(preempted / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == Probe.ended[0] // 2  # the first of two epochs, whole
+
+    run(compose_train(preempted, data_dir, [*SCHEDULE, "ckpt_path=auto", "+callbacks.probe._target_=test_resume.Probe"]))
+    assert Probe.seen["global_step"] == saved["global_step"]
+    assert Probe.ended == [40, 40]  # the second epoch trained, not taken for already run
+    final = read_checkpoint(preempted / "checkpoints" / "last.ckpt")
+    for name, weight in expected["state_dict"].items():
         torch.testing.assert_close(final["state_dict"][name], weight, rtol=0, atol=0, msg=name)
 
 
