@@ -60,6 +60,5 @@ def test_maps_from_a_module_batch(smoke_cfg):
     pixels = torch.randn(2, 3, module.encoder.resolution, module.encoder.resolution)
     prefix, maps = module.mapper(module.features({"pixels": pixels}), return_attention=True)
     assert prefix.shape == (2, cfg.model.prefix_length, module.decoder.config.n_embd)
-    arch = cfg.pretrain.clip.arch
-    g = arch.image_resolution // arch.vision_patch_size  # the tiny ViT's g x g patches
+    g = module.encoder.resolution // cfg.pretrain.clip.arch.vision_patch_size  # the tiny ViT's g x g patches
     assert attention_grid(maps).shape == (2, cfg.model.prefix_length, g, g)

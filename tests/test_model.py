@@ -98,7 +98,7 @@ def test_building_random_clip_and_gpt2_leaves_the_run_random_stream_alone(smoke_
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    ClipEncoder(dict(cfg.pretrain.clip.arch))  # random builds of the tiny architectures
+    ClipEncoder({**cfg.pretrain.clip.arch, "image_resolution": 64})  # random builds of the tiny architectures
     load_decoder(dict(cfg.pretrain.lm.arch), tokenizer, seed=7)
     assert torch.equal(torch.rand(3), expected)
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from PIL import Image
 
-from captioner.data.coco import load_records
+from captioner.data.coco import ImageRecord, load_records
 from captioner.data.synthetic import SHAPES, write_dataset
 from captioner.contrastive import retrieval_top1
 from captioner.models.encoder import ClipEncoder
-from captioner.pretraining import build_clip, build_lm, build_tokenizer
+from captioner.pretraining import build_clip, build_lm, build_tokenizer, native_resolution
 from conftest import CONF
 
 PRETRAIN = OmegaConf.to_container(OmegaConf.load(CONF / "pretrain" / "tiny.yaml"))
@@ -68,7 +69,7 @@ def test_pretrained_clip_beats_the_random_one_on_retrieval_and_a_shape_probe(wor
     singles = {s: [r for r in records[s] if len(scenes[s][r.image_id]["scene"]) == 1] for s in records}
     labels = {s: torch.tensor([SHAPES.index(scenes[s][r.image_id]["scene"][0]["shape"]) for r in singles[s]]) for s in singles}
     results = {}
-    for name, spec in {"random": ARCH, "pretrained": str(pretrained)}.items():
+    for name, spec in {"random": {**ARCH, "image_resolution": 64}, "pretrained": str(pretrained)}.items():
         encoder = ClipEncoder(spec)
         image = F.normalize(_encode(encoder, records["val"])["clip_features"], dim=-1)
         text = F.normalize(encoder.encode_text([r.captions[0] for r in records["val"]]), dim=-1)
@@ -97,6 +98,28 @@ def test_the_clip_cache_is_reused_and_rebuilt_when_its_manifest_differs(world, p
     assert "built with other settings (steps: 250 -> 2)" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["steps"] == 2
     assert (out / "clip.pt").read_bytes() != before
+
+
+def test_auto_resolution_is_the_training_images_own_size_within_the_cap(world, pretrained, tmp_path):
+    _, train, _ = world
+    assert ARCH["image_resolution"] == "auto"
+    assert json.loads((pretrained.parent / "manifest.json").read_text())["arch"]["image_resolution"] == 64  # the number: the
+    assert ClipEncoder(str(pretrained)).resolution == 64  # embedded default's cache key is what it was before "auto"
+    assert native_resolution(load_records(train), 16, 96) == 64
+
+    def drawn(name: str, size: tuple[int, int], count: int = 5) -> list[ImageRecord]:
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.new("RGB", size).save(tmp_path / name / f"{i}.png")
+        return [ImageRecord(i, tmp_path / name / f"{i}.png", ("a caption",)) for i in range(count)]
+
+    assert native_resolution(drawn("held_out", (96, 96)), 16, 96) == 96
+    assert native_resolution(drawn("odd", (100, 70)), 16, 128) == 96  # the longer side, to the nearest patch multiple
+    assert native_resolution(drawn("photos", (640, 480)), 16, 96) == 96  # the cap bounds the cost
+    assert native_resolution(drawn("thumbs", (20, 20)), 16, 96) == 32  # at least a 2 x 2 grid
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="image_resolution=auto: none of 1 training images could be read.*as a number"):
+        native_resolution([ImageRecord(0, tmp_path / "broken.png", ("a caption",))], 16, 96)
 
 
 def test_tokenizer_and_language_model_are_cached_the_same_way(world, tmp_path, monkeypatch, capsys):

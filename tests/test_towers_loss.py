@@ -18,7 +18,7 @@ from captioner.models.encoder import ClipEncoder
 from captioner.pretraining import build_clip
 from conftest import CONF
 
-ARCH = OmegaConf.to_container(OmegaConf.load(CONF / "pretrain" / "tiny.yaml"))["clip"]["arch"]
+ARCH = {**OmegaConf.to_container(OmegaConf.load(CONF / "pretrain" / "tiny.yaml"))["clip"]["arch"], "image_resolution": 64}  # the embedded data's "auto"
 
 
 def _batch(n: int = 6, dim: int = 8):
