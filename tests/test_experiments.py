@@ -20,7 +20,7 @@ from conftest import CONF, SHARED_DATA, compose_app, compose_train
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 COCO_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("coco_")]
 TRAINERS = sorted(p.stem for p in (CONF / "trainer").glob("*.yaml"))
-CPU_BUDGET = "00:00:06:00"  # conf/budget/synthetic_tiny.yaml: the embedded default's caption-training cap
+CPU_BUDGET = "00:00:08:00"  # conf/budget/synthetic_tiny.yaml: the embedded default's caption-training cap
 
 TOY_CLIP = {  # clip.model.CLIP arguments; the text tower keeps CLIP's BPE vocabulary (coco_text_only embeds captions)
     "embed_dim": 32, "image_resolution": 32, "vision_layers": 1, "vision_width": 64, "vision_patch_size": 8,
