@@ -88,7 +88,6 @@ def phrase(o: dict, rng: random.Random) -> tuple[str, str]:
     return f"{rng.choice(COLOURS_WORDS[o['colour']])} {rng.choice(SHAPE_WORDS[o['shape']])}", rng.choice(PLACE_WORDS[o["place"]])
 
 
-
 def describe(objects: list[dict], rng: random.Random) -> str:
     parts = []
     for o in rng.sample(objects, len(objects)):

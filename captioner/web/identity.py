@@ -55,10 +55,10 @@ def trained_on(data: dict | None) -> dict:
 
 def _name(spec) -> str | None:
     """A model spec as a short name: a hub name as is, a local path by its last part, a dict by its name."""
-    if isinstance(spec, dict) and spec.get("name") is not None:  # a name, or a file read at a chosen layer
+    if isinstance(spec, dict) and spec.get("name"):  # a name, or a file read at a chosen layer
         return _name(spec["name"])
     if isinstance(spec, dict):
-        return str(spec.get("name") or (spec.get("path") and Path(str(spec["path"])).name) or spec.get("model_type") or "built from its config")
+        return str((spec.get("path") and Path(str(spec["path"])).name) or spec.get("model_type") or "built from its config")
     if spec is None:
         return None
     return Path(str(spec)).name if ("/" in str(spec) and Path(str(spec)).is_absolute()) else str(spec)
