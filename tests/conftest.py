@@ -79,12 +79,13 @@ def coco_mini() -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_ckpt(tmp_path_factory, data_dir) -> Path:
-    """A checkpoint of the embedded default (attention mapper) after a seconds-long smoke run, made
-    once per session for the API, web, CLI, browser and notebook tests."""
+    """A checkpoint of the embedded recipe with the attention mapper (the bridge that returns maps, for
+    the overlays) after a seconds-long smoke run, made once per session for the API, web, CLI, browser
+    and notebook tests."""
     from captioner.train import run
 
     out = tmp_path_factory.mktemp("embedded_ckpt")
-    run(compose_train(out / "run", data_dir, ["experiment=smoke", "score=false"]))
+    run(compose_train(out / "run", data_dir, ["experiment=smoke", "score=false", "model/mapper=attention"]))
     return out / "run" / "checkpoints" / "last.ckpt"
 
 
@@ -92,10 +93,11 @@ def embedded_ckpt(tmp_path_factory, data_dir) -> Path:
 # scenes, not 64 (a CLIP and a mapper that saw 64 scenes only tell those apart); a CLIP whose towers
 # agree (120 contrastive steps, not 4) and a caption LM (100 steps); two caption epochs (250 steps) at a
 # rate that rises within the first 10 steps (the default warms up for 200). The steps, not the data,
-# cost the time. No time cap: a loaded machine must not cut the run short. The mapper reads the tower's last
-# block: after 120 contrastive steps its tokens tell these scenes apart, the first block's (the default's) not yet.
+# cost the time. No time cap: a loaded machine must not cut the run short. The attention mapper (its maps feed
+# the overlay tests) reads the tower's last block: after 120 contrastive steps its tokens tell these scenes
+# apart, the first block's (the default's) not yet.
 DISTINCT = [
-    "experiment=smoke", "score=false", "trainer.max_time=null", "model.encoder=${pretrain.clip.out}/clip.pt",
+    "experiment=smoke", "score=false", "trainer.max_time=null", "model.encoder=${pretrain.clip.out}/clip.pt", "model/mapper=attention",
     "data.synthetic.root=${paths.data_dir}/synthetic_distinct", "data.synthetic.sizes.train=400",
     "pretrain.clip.steps=120", "pretrain.clip.batch_size=64", "pretrain.clip.warmup_steps=10", "pretrain.clip.val_every=120",
     "pretrain.lm.steps=100", "pretrain.lm.warmup_steps=10", "pretrain.lm.val_every=100",

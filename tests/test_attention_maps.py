@@ -53,7 +53,7 @@ def test_grid_layout_matches_the_patch_order():
 def test_maps_from_a_module_batch(smoke_cfg):
     from hydra.utils import instantiate
 
-    cfg = smoke_cfg()
+    cfg = smoke_cfg("model/mapper=attention")
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     module = instantiate(cfg.model).eval()

@@ -114,7 +114,9 @@ def test_auto_resolution_is_the_training_images_own_size_within_the_cap(world, p
         return [ImageRecord(i, tmp_path / name / f"{i}.png", ("a caption",)) for i in range(count)]
 
     assert native_resolution(drawn("held_out", (96, 96)), 16, 96) == 96
-    assert native_resolution(drawn("odd", (100, 70)), 16, 128) == 96  # the longer side, to the nearest patch multiple
+    assert native_resolution(drawn("odd", (100, 70)), 16, 128) == 96  # the longer side, to the nearest even patch count
+    assert native_resolution(drawn("five_patches", (80, 80)), 16, 128) == 64  # 5 x 5 is no grid of 2 x 2 blocks
+    assert native_resolution(drawn("seven_patches", (112, 112)), 16, 128) == 128
     assert native_resolution(drawn("photos", (640, 480)), 16, 96) == 96  # the cap bounds the cost
     assert native_resolution(drawn("thumbs", (20, 20)), 16, 96) == 32  # at least a 2 x 2 grid
     (tmp_path / "broken.png").write_bytes(b"not an image")
