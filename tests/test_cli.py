@@ -98,8 +98,8 @@ def test_a_gpu_coco_config_carries_none_of_the_embedded_defaults_budget():
     trainer = yaml.safe_load(done.stdout)["trainer"]
     assert trainer["max_time"] is None and trainer["max_epochs"] is None, trainer
     embedded = yaml.safe_load(command("-m", "captioner.train", "--cfg", "job", timeout=300).stdout)["trainer"]
-    # the embedded default keeps its own: a number of steps (any data.splits world trains as long) and a time cap
-    assert (embedded["max_epochs"], embedded["max_steps"], embedded["max_time"]) == (None, 4700, "00:00:08:00")
+    # the embedded default keeps its own: a number of steps up to 20 epochs (a data.splits world trains as long) and a time cap
+    assert (embedded["max_epochs"], embedded["max_steps"], embedded["max_time"]) == (20, 7000, "00:00:08:00")
 
 
 def _run_task(task, monkeypatch) -> SystemExit:
