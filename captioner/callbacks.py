@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -62,6 +62,20 @@ class ResumeState(L.Callback):
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         version, python_state, python_gauss = state["python"]
         random.setstate((version, tuple(python_state), python_gauss))
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint whose `last.ckpt` is the latest validated step.
+
+    Lightning writes `last.ckpt` only at a step where it also wrote a top-k checkpoint, so when the
+    monitored metric stops improving, `last.ckpt` stays at the best step: a resume (`ckpt_path=auto`)
+    would repeat the steps after it and "the last model" would be the best one. Here every validation
+    also writes `last.ckpt`."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer) and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class PreemptionCheckpoint(OnExceptionCheckpoint):

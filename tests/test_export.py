@@ -41,7 +41,7 @@ def test_exported_model_reloads_and_captions_identically(trained, tmp_path):
     # the pretrained tiny CLIP was a local file: the export carries it; README.md is the model card
     assert sorted(p.name for p in export.iterdir()) == ["README.md", "clip.pt", "config.json", "model.safetensors", "tokenizer"]
     config = json.loads((export / "config.json").read_text())
-    assert config["hyper_parameters"]["mapper"]["name"] == "attention" and config["global_step"] == 2
+    assert config["hyper_parameters"]["mapper"]["name"] == "pixel_shuffle" and config["global_step"] == 2
     weights = load_file(export / "model.safetensors")
     assert "model.decoder.lm_head.weight" not in weights and "model.decoder.transformer.wte.weight" in weights  # tied: once
 

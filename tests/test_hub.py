@@ -45,7 +45,7 @@ def test_the_model_card_carries_the_runs_scores_config_and_command(scored_run, e
     scene = scores["scene"]
     assert f"| scene accuracy | {scene['accuracy']:.4f} ({scene['correct']}/{scene['images']} images) |" in card.text
     assert "python -m captioner.train experiment=smoke score=true" in card.text  # the run's own overrides
-    assert "mapper-attention" in card.data.tags and "name=attention, num_layers=1" in card.text  # smoke's mapper
+    assert "mapper-pixel_shuffle" in card.data.tags and "name=pixel_shuffle, scale_factor=2, num_layers=1" in card.text  # smoke's mapper
     assert "lr: 0.001" in card.text and "The embedded synthetic world" in card.text  # its config and data
     assert "## Limitations" in card.text
 

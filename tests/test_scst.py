@@ -20,7 +20,9 @@ from conftest import compose_train
 @pytest.fixture
 def scst_cfg(tmp_path, data_dir, embedded_ckpt):
     def make(*overrides: str):
-        return compose_train(tmp_path / "scst", data_dir, ["experiment=[smoke,scst]", f"init_from={embedded_ckpt}", *overrides])
+        # the cross-entropy run's model settings: embedded_ckpt trained the attention mapper
+        return compose_train(tmp_path / "scst", data_dir,
+                             ["experiment=[smoke,scst]", f"init_from={embedded_ckpt}", "model/mapper=attention", *overrides])
 
     return make
 

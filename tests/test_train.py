@@ -84,3 +84,16 @@ def test_cold_and_warm_caches_train_the_same_model(tmp_path):
         finals.append(read_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")["state_dict"])
     for key, weight in finals[0].items():
         assert torch.equal(finals[1][key], weight), key
+
+
+def test_last_ckpt_is_the_latest_validated_step_when_the_best_is_earlier(tmp_path, data_dir):
+    # mode=max on a falling validation loss: the first validation stays the best, so Lightning alone would
+    # leave last.ckpt at step 10 and a resume would repeat the 30 steps after it
+    cfg = compose_train(tmp_path, data_dir, [
+        "experiment=smoke", "score=false", "trainer.max_epochs=2", "+trainer.val_check_interval=10", "model.val_cider_images=4",
+        "callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=max",
+        "callbacks.model_checkpoint.filename='best-step{step}'",
+    ])
+    run(cfg)
+    checkpoints = {p.name: torch.load(p, map_location="cpu", weights_only=False)["global_step"] for p in (tmp_path / "checkpoints").glob("*.ckpt")}
+    assert checkpoints == {"best-step10.ckpt": 10, "last.ckpt": 40}
