@@ -74,7 +74,18 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer) and self._last_global_step_saved != trainer.global_step:
+        if not self._should_save_on_train_epoch_end(trainer):  # Lightning saves here, not at the epoch's end
+            self._save_last_if_unsaved(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_unsaved(trainer)
+
+    def _save_last_if_unsaved(self, trainer: L.Trainer) -> None:
+        # after Lightning's own save, so its top-k checkpoint of this step is written first; skipped when
+        # this step is already saved (the top-k save wrote last.ckpt with it)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
