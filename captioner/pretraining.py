@@ -187,10 +187,9 @@ def build_clip(
 def native_resolution(records: Sequence[ImageRecord], patch: int, max_resolution: int, sample: int = 256) -> int:
     """The training images' median longer side (read from up to `sample` files' headers), rounded to an
     even number of patches (pixel shuffle's 2 x 2 blocks tile the grid), between two patches and
-    `max_resolution`. A tower pretrained on the data
-    sees its shapes at the size they were drawn: scaling 96-pixel images to 64 cost a held-out world 35
-    points of scene accuracy (docs/results/binding.md); `max_resolution` bounds the cost, which grows with
-    the square of the side."""
+    `max_resolution`. A tower pretrained on the data sees its shapes at the size they were drawn: scaling
+    96-pixel images to 64 cost a held-out world 35 points of scene accuracy (docs/results/binding.md);
+    `max_resolution` bounds the cost, which grows with the square of the side."""
     from PIL import Image
 
     step = max(1, len(records) // sample)

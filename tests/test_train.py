@@ -87,6 +87,8 @@ def test_cold_and_warm_caches_train_the_same_model(tmp_path):
 
 
 def test_last_ckpt_is_the_latest_validated_step_when_the_best_is_earlier(tmp_path, data_dir):
+    from captioner.checkpoint import read_checkpoint
+
     # mode=max on a falling validation loss: the first validation stays the best, so Lightning alone would
     # leave last.ckpt at step 10 and a resume would repeat the 30 steps after it
     cfg = compose_train(tmp_path, data_dir, [
@@ -95,5 +97,5 @@ def test_last_ckpt_is_the_latest_validated_step_when_the_best_is_earlier(tmp_pat
         "callbacks.model_checkpoint.filename='best-step{step}'",
     ])
     run(cfg)
-    checkpoints = {p.name: torch.load(p, map_location="cpu", weights_only=False)["global_step"] for p in (tmp_path / "checkpoints").glob("*.ckpt")}
+    checkpoints = {p.name: read_checkpoint(p)["global_step"] for p in (tmp_path / "checkpoints").glob("*.ckpt")}
     assert checkpoints == {"best-step10.ckpt": 10, "last.ckpt": 40}
