@@ -146,6 +146,7 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "data.feature_dtype": _one_of("fp16", "fp32"),
     "data.precision": PRECISIONS,
     "data.bad_images": _one_of("stop", "skip"),
+    "score_weights": _one_of("best", "last"),
     "data.noise.variance": ((lambda v: v >= 0), "a variance >= 0 (0 turns the noise off)"),
     "data.noise.rate": ((lambda v: 0 <= v <= 1), "a share in [0, 1]"),
     "model.prefix_length": POSITIVE,

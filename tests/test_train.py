@@ -99,3 +99,25 @@ def test_last_ckpt_is_the_latest_validated_step_when_the_best_is_earlier(tmp_pat
     run(cfg)
     checkpoints = {p.name: read_checkpoint(p)["global_step"] for p in (tmp_path / "checkpoints").glob("*.ckpt")}
     assert checkpoints == {"best-step10.ckpt": 10, "last.ckpt": 40}
+
+
+@pytest.mark.parametrize("weights, checkpoint", [("best", "best-step10.ckpt"), ("last", "last.ckpt")])
+def test_score_weights_names_the_weights_that_caption_the_test_split(tmp_path, data_dir, monkeypatch, weights, checkpoint):
+    import captioner.train as train
+    from captioner.checkpoint import read_checkpoint
+
+    scored = {}
+    real = train.Captioner
+
+    def remember(module, device):  # the weights the test split is captioned with
+        scored.update({k: v.clone() for k, v in module.state_dict().items()})
+        return real(module, device)
+
+    monkeypatch.setattr(train, "Captioner", remember)
+    run(compose_train(tmp_path, data_dir, [  # as above: the best checkpoint is step 10's, the final step is 40
+        "experiment=smoke", "trainer.max_epochs=2", "+trainer.val_check_interval=10", "model.val_cider_images=4",
+        "callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=max",
+        "callbacks.model_checkpoint.filename='best-step{step}'", f"score_weights={weights}",
+    ]))
+    expected = read_checkpoint(tmp_path / "checkpoints" / checkpoint)["state_dict"]
+    assert expected and all(torch.equal(scored[k], v) for k, v in expected.items())
