@@ -31,6 +31,7 @@ def command(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
     ("trainer.max_epochs=abc", ["trainer.max_epochs", "Integer"]),
     ("test_decoding.strategy=x", ["test_decoding.strategy", "greedy", "beam", "sample"]),
     ("data.bogus=1", ["data.bogus", "batch_size"]),
+    ("score_weights=final", ["score_weights", "best", "last"]),
 ])
 def test_a_bad_config_value_is_one_line_naming_the_key_and_what_is_allowed(override, named, tmp_path):
     done = command("-m", "captioner.train", "experiment=smoke", override, f"hydra.run.dir={tmp_path}", timeout=120)
