@@ -9,6 +9,7 @@ import pytest
 import torch
 from hydra.utils import get_class, instantiate
 
+from captioner.checkpoint import read_checkpoint
 from captioner.config import check
 from captioner.data.datamodule import CaptionDataModule
 from captioner.models.hub import MissingWeightsError
@@ -75,8 +76,6 @@ def test_smoke_run_writes_captions_and_scores(smoke_cfg, tmp_path):
 
 def test_cold_and_warm_caches_train_the_same_model(tmp_path):
     # pretraining and extraction (cold caches only) must not consume the run's random stream
-    from captioner.checkpoint import read_checkpoint
-
     finals = []
     for name in ("cold", "warm"):
         cfg = compose_train(tmp_path / name, tmp_path / "data", ["experiment=smoke", "score=false"])
@@ -86,17 +85,17 @@ def test_cold_and_warm_caches_train_the_same_model(tmp_path):
         assert torch.equal(finals[1][key], weight), key
 
 
-def test_last_ckpt_is_the_latest_validated_step_when_the_best_is_earlier(tmp_path, data_dir):
-    from captioner.checkpoint import read_checkpoint
+# mode=max on a falling validation loss: the first validation (step 10) stays the best of the four (to step 40)
+BEST_AT_STEP_10_OF_40 = [
+    "experiment=smoke", "trainer.max_epochs=2", "+trainer.val_check_interval=10", "model.val_cider_images=4",
+    "callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=max",
+    "callbacks.model_checkpoint.filename='best-step{step}'",
+]
 
-    # mode=max on a falling validation loss: the first validation stays the best, so Lightning alone would
-    # leave last.ckpt at step 10 and a resume would repeat the 30 steps after it
-    cfg = compose_train(tmp_path, data_dir, [
-        "experiment=smoke", "score=false", "trainer.max_epochs=2", "+trainer.val_check_interval=10", "model.val_cider_images=4",
-        "callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=max",
-        "callbacks.model_checkpoint.filename='best-step{step}'",
-    ])
-    run(cfg)
+
+def test_last_ckpt_is_the_latest_validated_step_when_the_best_is_earlier(tmp_path, data_dir):
+    # Lightning alone would leave last.ckpt at step 10 and a resume would repeat the 30 steps after it
+    run(compose_train(tmp_path, data_dir, [*BEST_AT_STEP_10_OF_40, "score=false"]))
     checkpoints = {p.name: read_checkpoint(p)["global_step"] for p in (tmp_path / "checkpoints").glob("*.ckpt")}
     assert checkpoints == {"best-step10.ckpt": 10, "last.ckpt": 40}
 
@@ -104,7 +103,6 @@ def test_last_ckpt_is_the_latest_validated_step_when_the_best_is_earlier(tmp_pat
 @pytest.mark.parametrize("weights, checkpoint", [("best", "best-step10.ckpt"), ("last", "last.ckpt")])
 def test_score_weights_names_the_weights_that_caption_the_test_split(tmp_path, data_dir, monkeypatch, weights, checkpoint):
     import captioner.train as train
-    from captioner.checkpoint import read_checkpoint
 
     scored = {}
     real = train.Captioner
@@ -114,10 +112,6 @@ def test_score_weights_names_the_weights_that_caption_the_test_split(tmp_path, d
         return real(module, device)
 
     monkeypatch.setattr(train, "Captioner", remember)
-    run(compose_train(tmp_path, data_dir, [  # as above: the best checkpoint is step 10's, the final step is 40
-        "experiment=smoke", "trainer.max_epochs=2", "+trainer.val_check_interval=10", "model.val_cider_images=4",
-        "callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=max",
-        "callbacks.model_checkpoint.filename='best-step{step}'", f"score_weights={weights}",
-    ]))
+    run(compose_train(tmp_path, data_dir, [*BEST_AT_STEP_10_OF_40, f"score_weights={weights}"]))
     expected = read_checkpoint(tmp_path / "checkpoints" / checkpoint)["state_dict"]
     assert expected and all(torch.equal(scored[k], v) for k, v in expected.items())
