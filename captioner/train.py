@@ -73,7 +73,7 @@ def run(cfg: DictConfig) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.score and trainer.is_global_zero and not trainer.fast_dev_run:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if cfg.get("score_weights", "best") == "best" and best:  # "last": the final step's weights, as fit left them
+        if cfg.score_weights == "best" and best:  # "last": the final step's weights, as fit left them
             module.load_state_dict(read_checkpoint(best)["state_dict"])
         datamodule.setup("test")
         captioner = Captioner(module, module.device)
