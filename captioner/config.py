@@ -152,6 +152,7 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "model.prefix_length": POSITIVE,
     "model.encoder_precision": PRECISIONS,
     "model.lr": ((lambda v: v > 0), "a learning rate > 0"),
+    "model.decoder_lr": ((lambda v: v > 0), "a learning rate > 0, or null for model.lr"),
     "model.warmup_steps": NON_NEGATIVE,
     "model.val_cider_images": NON_NEGATIVE,
     "model.mapper.num_layers": POSITIVE,

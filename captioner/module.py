@@ -47,6 +47,7 @@ class CaptionModule(L.LightningModule):
         normalize_features: bool = True,  # L2-normalise CLIP features before the mapper (CapDec)
         encoder_precision: str = "fp32",
         lr: float = 2e-5,
+        decoder_lr: float | None = None,  # the decoder's own learning rate (its weights and adapters); None: lr
         weight_decay: float = 0.0,
         warmup_steps: int = 5000,
         val_decoding: Mapping | None = None,
@@ -64,7 +65,7 @@ class CaptionModule(L.LightningModule):
                 "encoder": encoder, "decoder": decoder, "tokenizer": tokenizer, "mapper": mapper,
                 "prefix_length": prefix_length, "freeze_decoder": mode == "frozen", "decoder_mode": mode, "lora": lora,
                 "normalize_features": normalize_features, "encoder_precision": encoder_precision,
-                "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+                "lr": lr, "decoder_lr": decoder_lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
                 "val_decoding": val_decoding, "val_cider_images": val_cider_images, "seed": seed,
                 "adamw": adamw, "compile": compile,
             }
@@ -167,10 +168,19 @@ class CaptionModule(L.LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def parameter_groups(self) -> list[dict]:
+        """The trainable weights (frozen ones never reach the optimizer), the decoder's apart when `decoder_lr` is set."""
+        decoder_lr = self.hparams.get("decoder_lr")  # older checkpoints have no `decoder_lr`
+        in_decoder = {id(p) for p in self.model.decoder.parameters()}
+        groups = {"decoder": [], "rest": []}
+        for p in self.parameters():
+            if p.requires_grad:
+                groups["decoder" if decoder_lr is not None and id(p) in in_decoder else "rest"].append(p)
+        return [{"params": groups["rest"]}] + ([{"params": groups["decoder"], "lr": decoder_lr}] if groups["decoder"] else [])
+
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]  # frozen weights never reach the optimizer
         flags = ADAMW[self.hparams.get("adamw", "foreach")]  # older checkpoints have no `adamw`
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, **flags)
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, **flags)
         total = self.trainer.estimated_stepping_batches
         scheduler = get_linear_schedule_with_warmup(optimizer, min(self.hparams.warmup_steps, total // 2), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 from hydra.utils import instantiate
 
@@ -119,3 +122,23 @@ def test_a_checkpoint_with_the_parts_at_the_top_of_its_state_dict_still_loads(em
         state = loaded.state_dict()
         assert state.keys() == current.state_dict().keys()
         assert all(torch.equal(state[k], v) for k, v in current.state_dict().items())
+
+
+def test_decoder_lr_gives_the_decoder_its_own_rate_under_the_same_schedule(smoke_cfg):
+    module, _ = build(smoke_cfg, "model.lr=1e-3", "model.decoder_lr=2e-4")
+    module._trainer = SimpleNamespace(estimated_stepping_batches=100)  # all configure_optimizers reads of the Trainer
+    optimizers = module.configure_optimizers()
+    groups, scheduler = optimizers["optimizer"].param_groups, optimizers["lr_scheduler"]["scheduler"]
+    assert [g["lr"] for g in groups] == [0.0, 0.0]  # warmup starts both at zero
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in module.decoder.parameters()}
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in module.mapper.parameters()}
+    for _ in range(10):
+        optimizers["optimizer"].step()  # no gradients: the weights stay, the schedule moves
+        scheduler.step()
+    factor = groups[0]["lr"] / 1e-3
+    assert 0 < factor <= 1 and groups[1]["lr"] == pytest.approx(2e-4 * factor)
+
+    unset, _ = build(smoke_cfg)
+    unset._trainer = SimpleNamespace(estimated_stepping_batches=100)
+    (group,) = unset.configure_optimizers()["optimizer"].param_groups
+    assert {id(p) for p in group["params"]} == {id(p) for p in unset.parameters() if p.requires_grad}
