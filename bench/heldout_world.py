@@ -171,18 +171,21 @@ def score(root: Path, captions_file: Path) -> dict:
     totals, correct, examples = Counter(), Counter(), []
     for image_id, caption in captions.items():
         objects = truth[image_id]
-        kind = kinds[len(objects)]
-        totals[kind] += 1
-        if right(caption, objects):
-            correct[kind] += 1
-        elif len(examples) < 5:
+        # two objects of one colour: the scenes where only the shape tells which object is where
+        groups = [kinds[len(objects)]] + (["two of one colour"] if len(objects) == 2 and objects[0]["colour"] == objects[1]["colour"] else [])
+        ok = right(caption, objects)
+        for kind in groups:
+            totals[kind] += 1
+            correct[kind] += ok
+        if not ok and len(examples) < 5:
             examples.append((caption, ", ".join(f"{o['colour']} {o['shape']} @ {o['place']}" for o in objects)))
     table = Table(title=f"held-out world: {captions_file}")
     for column in ("layout", "right", "images"):
         table.add_column(column, justify="left" if column == "layout" else "right")
-    for kind in sorted(totals):
-        table.add_row(kind, f"{100 * correct[kind] / totals[kind]:.1f} %", str(totals[kind]))
-    all_right, all_images = sum(correct.values()), sum(totals.values())
+    for kind in [*kinds.values(), "two of one colour"]:
+        if totals[kind]:
+            table.add_row(kind, f"{100 * correct[kind] / totals[kind]:.1f} %", str(totals[kind]))
+    all_right, all_images = sum(correct[k] for k in kinds.values()), sum(totals[k] for k in kinds.values())
     table.add_row("all", f"{100 * all_right / all_images:.1f} %", str(all_images))
     console = Console()
     console.print(table)

@@ -43,3 +43,17 @@ def test_captions_of_other_images_are_one_line(tmp_path):
     (tmp_path / "captions.json").write_text(json.dumps([{"image_id": 999, "caption": "a red circle"}]))
     with pytest.raises(SystemExit, match="error: .* holds captions of images this world's test split"):
         heldout_world.score(tmp_path, tmp_path / "captions.json")
+
+
+def test_the_score_counts_pairs_of_one_colour_on_their_own_row(tmp_path):
+    one_colour = [{**PAIR[0], "colour": "pink"}, PAIR[1]]  # a pink ring in the top left, a pink cross in the centre
+    images = [{"id": 1, "truth": PAIR}, {"id": 2, "truth": one_colour}, {"id": 3, "truth": PAIR[:1]}]
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "captions_test.json").write_text(json.dumps({"images": images, "annotations": []}))
+    captions = {1: "a cyan ring in the top left and a pink cross in the centre",
+                2: "a pink ring in the centre and a pink cross in the top left",  # the two objects the other way round
+                3: "a cyan ring in the top left"}
+    (tmp_path / "captions.json").write_text(json.dumps([{"image_id": i, "caption": c} for i, c in captions.items()]))
+    scores = heldout_world.score(tmp_path, tmp_path / "captions.json")
+    assert scores["two of one colour"] == 0.0 and scores["two objects"] == 0.5 and scores["one object"] == 1.0
+    assert scores["accuracy"] == pytest.approx(2 / 3)  # each image counted once
