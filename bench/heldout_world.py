@@ -168,11 +168,11 @@ def score(root: Path, captions_file: Path) -> dict:
         raise SystemExit(f"error: {captions_file} holds captions of images this world's test split ({root}) does not have: "
                          "score the captions_test.json of a run trained on it")
     kinds = {1: "one object", 2: "two objects"}
+    one_colour = "two of one colour"  # pairs where only the shape tells which object is where; also counted in "two objects"
     totals, correct, examples = Counter(), Counter(), []
     for image_id, caption in captions.items():
         objects = truth[image_id]
-        # two objects of one colour: the scenes where only the shape tells which object is where
-        groups = [kinds[len(objects)]] + (["two of one colour"] if len(objects) == 2 and objects[0]["colour"] == objects[1]["colour"] else [])
+        groups = [kinds[len(objects)]] + ([one_colour] if len(objects) == 2 and objects[0]["colour"] == objects[1]["colour"] else [])
         ok = right(caption, objects)
         for kind in groups:
             totals[kind] += 1
@@ -182,7 +182,7 @@ def score(root: Path, captions_file: Path) -> dict:
     table = Table(title=f"held-out world: {captions_file}")
     for column in ("layout", "right", "images"):
         table.add_column(column, justify="left" if column == "layout" else "right")
-    for kind in [*kinds.values(), "two of one colour"]:
+    for kind in [*kinds.values(), one_colour]:
         if totals[kind]:
             table.add_row(kind, f"{100 * correct[kind] / totals[kind]:.1f} %", str(totals[kind]))
     all_right, all_images = sum(correct[k] for k in kinds.values()), sum(totals[k] for k in kinds.values())

@@ -170,13 +170,14 @@ class CaptionModule(L.LightningModule):
 
     def parameter_groups(self) -> list[dict]:
         """The trainable weights (frozen ones never reach the optimizer), the decoder's apart when `decoder_lr` is set."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
         decoder_lr = self.hparams.get("decoder_lr")  # older checkpoints have no `decoder_lr`
+        if decoder_lr is None:
+            return [{"params": trainable}]
         in_decoder = {id(p) for p in self.model.decoder.parameters()}
-        groups = {"decoder": [], "rest": []}
-        for p in self.parameters():
-            if p.requires_grad:
-                groups["decoder" if decoder_lr is not None and id(p) in in_decoder else "rest"].append(p)
-        return [{"params": groups["rest"]}] + ([{"params": groups["decoder"], "lr": decoder_lr}] if groups["decoder"] else [])
+        decoder = [p for p in trainable if id(p) in in_decoder]  # empty when the decoder is frozen
+        rest = [{"params": [p for p in trainable if id(p) not in in_decoder]}]
+        return rest + [{"params": decoder, "lr": decoder_lr}] if decoder else rest
 
     def configure_optimizers(self):
         flags = ADAMW[self.hparams.get("adamw", "foreach")]  # older checkpoints have no `adamw`
