@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -89,18 +89,23 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-class PreemptionCheckpoint(OnExceptionCheckpoint):
+class PreemptionCheckpoint(Checkpoint):
     """SIGTERM (SLURM's preemption, `scancel`, a spot instance going away) saves the run at its current step
     as `dirpath/last.ckpt`, which `ckpt_path=auto` resumes.
 
     Lightning's own signal handling does the rest: its SIGTERM handler sets `trainer.received_sigterm`,
     the loop finishes the batch in hand (every rank of a distributed run, by broadcast) and raises
-    SIGTERMException; this is Lightning's OnExceptionCheckpoint, limited to that exception (a crash or a
-    NaN must not overwrite the last good checkpoint) and keeping its file (it is the resume point).
-    The entry point then exits non-zero (`captioner.train`: 143, as a process killed by SIGTERM)."""
+    SIGTERMException, which reaches `on_exception` here; any other exception (a crash, a NaN) saves
+    nothing, so it cannot overwrite the last good checkpoint. The entry point then exits non-zero
+    (`captioner.train`: 143, as a process killed by SIGTERM).
+
+    This is a plain `Checkpoint`, not Lightning's `OnExceptionCheckpoint`: with one of those among the
+    callbacks, `Trainer.fit(ckpt_path=None)` resumes the newest `last` checkpoint it can find, so a run
+    meant to start fresh would silently continue another. Resuming is `ckpt_path`'s job alone."""
 
     def __init__(self, dirpath: str, filename: str = "last"):
-        super().__init__(dirpath, filename)
+        super().__init__()
+        self.ckpt_path = str(Path(dirpath) / f"{filename}.ckpt")
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
@@ -114,9 +119,6 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
                 fit.epoch_loop.automatic_optimization.optim_progress.reset_on_run()
             trainer.save_checkpoint(self.ckpt_path)
             rank_zero_warn(f"SIGTERM at step {trainer.global_step}: saved {self.ckpt_path}; resume with ckpt_path=auto")
-
-    def teardown(self, trainer, module, stage: str) -> None:
-        pass  # Lightning's removes its file here: this one is what the next run resumes
 
 
 class ResumeMismatchError(ValueError):

@@ -12,11 +12,14 @@ import math
 import os
 import pickle
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from hydra.experimental.callback import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig
 
 from captioner.models.decoder import write_tokenizer
 from captioner.models.encoder import clip_name, renamed
@@ -148,16 +151,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(path, map_location)  # never weights_only=False, whatever the caller asks
 
 
+class RunDirectoryInUseError(ValueError):
+    """A fresh run was pointed at a run directory that already holds a run's checkpoint."""
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> str | None:
     """`ckpt_path=auto` resumes this run directory's `checkpoints/last.ckpt` when it exists and starts
     fresh otherwise, so the same command can be re-run (or re-queued) after a crash; any other value
-    is a path passed to `Trainer.fit` as is."""
+    is a path passed to `Trainer.fit` as is. A fresh run (`null`) into a directory that holds a
+    `last.ckpt` is refused: it would overwrite that run's checkpoints and logs."""
+    if ckpt_path is None:
+        last = Path(output_dir) / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            raise RunDirectoryInUseError(
+                f"{last} exists: this run directory holds a run. Resume it with ckpt_path=auto, or start a fresh "
+                f"run in another directory (hydra.run.dir=...)")
+        return None
     if ckpt_path != "auto":
         if ckpt_path and ckpt_path not in ("last", "hpc") and not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (use ckpt_path=auto to resume if present)")
         return ckpt_path
     last = Path(output_dir) / "checkpoints" / "last.ckpt"
     return str(last) if last.is_file() else None
+
+
+class FreshRunGuard(Callback):
+    """Hydra callback of `captioner.train` (conf/train.yaml): refuses a fresh run into a run directory that
+    holds a run's `last.ckpt` before Hydra writes anything there (its `.hydra/` record of the first run
+    included). A multirun's jobs are checked by `resolve_ckpt_path` when they start."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            resolve_ckpt_path(config.get("ckpt_path"), config.hydra.run.dir)
+        except (RunDirectoryInUseError, FileNotFoundError) as error:
+            # Hydra turns a callback's exception into a warning and runs the job anyway: exit here, as
+            # `hydra_main` does for bad input (status 2, one line)
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
 
 
 def _module_from_hparams(hparams: dict, overrides: dict):

@@ -13,7 +13,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from captioner.checkpoint import AtomicCheckpointIO, read_checkpoint, resolve_ckpt_path
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from captioner.callbacks import PreemptionCheckpoint
+from captioner.checkpoint import AtomicCheckpointIO, RunDirectoryInUseError, read_checkpoint, resolve_ckpt_path
 from captioner.train import run
 from conftest import ROOT, compose_train, pretrained
 
@@ -102,6 +105,46 @@ def test_auto_resume_starts_fresh_without_a_checkpoint_and_a_missing_path_fails(
     assert resolve_ckpt_path("auto", tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
     with pytest.raises(FileNotFoundError, match="ckpt_path=auto"):
         resolve_ckpt_path(str(tmp_path / "nope.ckpt"), tmp_path)
+
+
+def test_a_fresh_run_into_a_directory_holding_a_run_is_refused_and_changes_nothing(tmp_path, capsys):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"the first run's weights")
+    with pytest.raises(RunDirectoryInUseError, match="ckpt_path=auto.*hydra.run.dir"):
+        resolve_ckpt_path(None, tmp_path)
+    assert resolve_ckpt_path("auto", tmp_path) == str(last)
+
+    # as typed: one line, status 2, before Hydra or the run writes anything in the directory
+    done = subprocess.run([sys.executable, "-m", "captioner.train", "experiment=smoke", f"hydra.run.dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        f"error: {last} exists: this run directory holds a run. Resume it with ckpt_path=auto, or start a fresh run in "
+        "another directory (hydra.run.dir=...)"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "last.ckpt"]
+    assert last.read_bytes() == b"the first run's weights"
+
+
+def test_preemption_checkpoint_does_not_make_a_fresh_fit_resume_the_last_checkpoint(tmp_path):
+    """With Lightning's OnExceptionCheckpoint among the callbacks, `fit(ckpt_path=None)` resumes the newest
+    `last` checkpoint it finds; a fresh fit must start at step 0 whatever the directory holds."""
+    def fit(max_steps: int) -> L.Trainer:
+        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                            callbacks=[PreemptionCheckpoint(str(tmp_path)), _StartStep()])
+        trainer.fit(BoringModel())
+        return trainer
+
+    fit(3).save_checkpoint(tmp_path / "last.ckpt")
+    assert fit(2).global_step == 2 and _StartStep.seen == [0, 0]
+
+
+class _StartStep(L.Callback):
+    seen: list[int] = []
+
+    def on_train_start(self, trainer, module) -> None:
+        _StartStep.seen.append(trainer.global_step)
 
 
 class _Exploding:
