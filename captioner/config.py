@@ -37,6 +37,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from captioner.data.datamodule import CaptionDataModule
+from captioner.data.mirror import SideWords
 from captioner.data.noise import add_noise
 from captioner.data.synthetic import write_dataset
 from captioner.generate import Decoding
@@ -136,6 +137,15 @@ def _one_of(*choices) -> tuple[Callable, str]:
 POSITIVE, NON_NEGATIVE = (_positive, "a positive integer"), (_non_negative, "an integer >= 0")
 PRECISIONS = _one_of("fp32", "fp16", "bf16")
 # key -> (test, what is allowed): values whose type alone does not rule them out
+def _swaps_back(swap) -> bool:
+    """A mirror's word swap (data/mirror.py): words, each one's swap mapping back to it."""
+    try:
+        SideWords(OmegaConf.to_container(swap) if OmegaConf.is_config(swap) else swap)
+    except (ValueError, AttributeError, TypeError):
+        return False
+    return True
+
+
 CHECKS: dict[str, tuple[Callable, str]] = {
     "data.batch_size": POSITIVE,
     "data.eval_batch_size": POSITIVE,
@@ -149,6 +159,7 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "score_weights": _one_of("best", "last"),
     "data.noise.variance": ((lambda v: v >= 0), "a variance >= 0 (0 turns the noise off)"),
     "data.noise.rate": ((lambda v: 0 <= v <= 1), "a share in [0, 1]"),
+    "data.mirror_swap": (_swaps_back, "word pairs that map back, e.g. {left: right, right: left}"),
     "model.prefix_length": POSITIVE,
     "model.encoder_precision": PRECISIONS,
     "model.lr": ((lambda v: v > 0), "a learning rate > 0"),

@@ -33,6 +33,7 @@ def command(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
     ("data.bogus=1", ["data.bogus", "batch_size"]),
     ("score_weights=final", ["score_weights", "best", "last"]),
     ("model.decoder_lr=0", ["model.decoder_lr", "a learning rate > 0, or null"]),
+    ("data.mirror_swap.left=up", ["data.mirror_swap", "map back"]),
 ])
 def test_a_bad_config_value_is_one_line_naming_the_key_and_what_is_allowed(override, named, tmp_path):
     done = command("-m", "captioner.train", "experiment=smoke", override, f"hydra.run.dir={tmp_path}", timeout=120)

@@ -25,6 +25,7 @@ class ImageRecord:
     image_id: int
     path: Path
     captions: tuple[str, ...]
+    mirrored: bool = False  # the image flipped left to right (a training twin, data/mirror.py)
 
 
 def load_coco(annotation_file: str | Path, image_dir: str | Path) -> list[ImageRecord]:

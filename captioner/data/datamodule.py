@@ -26,6 +26,7 @@ from captioner.data.coco import ImageRecord, load_records
 from captioner.data.dataset import CaptionDataset, collate, pairs_for, tokenize
 from captioner.data.extraction import open_or_extract
 from captioner.data.features import FeatureStore, identity_hash, store_key
+from captioner.data.mirror import SIDES, SideWords, mirror_records, twin_pairs
 from captioner.data.noise import add_noise
 from captioner.data.sampler import ResumableLoader, training_sampler
 from captioner.data.synthetic import write_dataset
@@ -54,11 +55,17 @@ class CaptionDataModule(L.LightningDataModule):
         bad_images: str = "stop",  # unreadable images: stop listing them, or skip them and report the count
         length_buckets: int = 0,  # k > 0: training batches of similar caption length, sorted in windows of k batches
         pin_memory: bool = False,  # page-locked batches, which Lightning then copies to a GPU with non_blocking=True
+        mirror: bool = False,  # training captions that name a side get a mirrored twin (data/mirror.py)
+        mirror_swap: Mapping | None = None,  # the words a mirror swaps; None: {left: right, right: left}
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.splits = {k: dict(v) for k, v in splits.items()}
         self.noise = dict(noise or {"variance": 0.0})
+        self.swap = dict(mirror_swap or SIDES) if mirror else None
+        if self.swap is not None:
+            SideWords(self.swap)  # refuses a swap that does not map back, before anything is extracted
+        self.twins: list[int] | None = None
         self.records: dict[str, list[ImageRecord]] = {}
         self.datasets: dict[str, CaptionDataset] = {}
 
@@ -68,15 +75,21 @@ class CaptionDataModule(L.LightningDataModule):
 
     def load_split(self, split: str, **distributed) -> tuple[list[ImageRecord], FeatureStore]:
         """The split's records and feature store, extracted first when needed. `distributed` (rank,
-        world_size, barrier, device) shards extraction; under a multi-process Trainer it comes from it."""
+        world_size, barrier, device) shards extraction; under a multi-process Trainer it comes from it.
+        With `mirror`, the training split's records end with their mirrored twins, in the same store."""
         encoder_spec = self.hparams.encoder
         trainer = self.trainer
         if not distributed and trainer is not None and trainer.world_size > 1:
             distributed = dict(rank=trainer.global_rank, world_size=trainer.world_size,
                                barrier=trainer.strategy.barrier, device=trainer.strategy.root_device)
         if self.splits[split].get("format") == "webdataset":  # tar shards: the records come out of the store
+            if split == "train" and self.swap is not None:
+                raise ValueError("data.mirror=true mirrors image files, and this training split is webdataset shards: "
+                                 "set data.mirror=false")
             return self._load_shards(split, **distributed)
         records = load_records(self.splits[split])
+        if split == "train" and self.swap is not None:
+            records = records + mirror_records(records, self.swap)
         key = store_key(identity_hash(records), encoder_spec)
         with torch.random.fork_rng(devices=[]):  # extraction's DataLoader draws a seed: a cold cache must not shift the run
             store = open_or_extract(
@@ -114,8 +127,11 @@ class CaptionDataModule(L.LightningDataModule):
         for split in self.splits:
             records, store = self.load_split(split)
             tokens = tokenize(records, self.tokenizer, self.hparams.max_tokens)
-            self.records[split] = records
-            self.datasets[split] = CaptionDataset(store, records, tokens, pairs_for(records, every_caption=split == "train"))
+            pairs = pairs_for(records, every_caption=split == "train")
+            self.records[split] = [r for r in records if not r.mirrored]
+            self.datasets[split] = CaptionDataset(store, records, tokens, pairs)
+            if split == "train" and any(r.mirrored for r in records):  # text-only training reads no image to mirror
+                self.twins = twin_pairs(records, pairs, self.swap)
 
     def references(self, split: str) -> dict[int, list[str]]:
         return {r.image_id: list(r.captions) for r in self.records[split]}
@@ -124,7 +140,8 @@ class CaptionDataModule(L.LightningDataModule):
         # training resumes mid-epoch at the same batch (data/sampler.py); evaluation reads in order
         dataset = self.datasets[split] if shuffle else self.datasets[split].per_image()
         batch_size = self.hparams.batch_size if shuffle else self.hparams.eval_batch_size
-        sampler = training_sampler(dataset.lengths(), self.hparams.seed, batch_size, self.hparams.length_buckets) if shuffle else None
+        sampler = training_sampler(dataset.lengths(), self.hparams.seed, batch_size, self.hparams.length_buckets,
+                                   self.twins) if shuffle else None
         return (ResumableLoader if shuffle else DataLoader)(
             dataset,
             batch_size=batch_size,

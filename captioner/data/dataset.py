@@ -28,7 +28,7 @@ def pairs_for(records: Sequence[ImageRecord], every_caption: bool) -> list[tuple
     image whose first caption gives the loss and all of whose captions give the scores (evaluation)."""
     if every_caption:
         return [(i, k) for i, r in enumerate(records) for k in range(len(r.captions))]
-    return [(i, 0) for i in range(len(records))]
+    return [(i, 0) for i, r in enumerate(records) if not r.mirrored]  # a training image's mirrored twin is not captioned
 
 
 class CaptionDataset(Dataset):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -103,7 +104,8 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, self.preprocess(load_image(self.records[i].path)), None
+            image = load_image(self.records[i].path)
+            return i, self.preprocess(ImageOps.mirror(image) if self.records[i].mirrored else image), None
         except ValueError as e:
             return i, None, str(e)
 

@@ -15,10 +15,15 @@ from torch.utils.data import DataLoader, Sampler
 
 
 class ResumableSampler(Sampler[int]):
-    """Shuffled indices, reseeded per epoch, sharded by rank under DDP, able to start mid-epoch."""
+    """Shuffled indices, reseeded per epoch, sharded by rank under DDP, able to start mid-epoch.
 
-    def __init__(self, size: int, seed: int, batch_size: int):
+    `twins[i]`, where it is not -1, is an item that may stand in for item i (its mirrored image,
+    data/mirror.py): each epoch takes every item of the first `size` once, or its twin in its place with
+    probability one half, so an epoch has as many steps with twins as without."""
+
+    def __init__(self, size: int, seed: int, batch_size: int, twins: list[int] | None = None):
         self.size, self.seed, self.batch_size = size, seed, batch_size
+        self.twins = torch.tensor(twins) if twins and max(twins) >= 0 else None
         self.epoch = 0
         self.consumed = 0  # batches of this epoch the model has received
         self._start = 0  # batches to skip at the next iteration (set by a resume)
@@ -34,7 +39,12 @@ class ResumableSampler(Sampler[int]):
         return self.size // self.world  # the whole epoch, even when resuming: Lightning counts from 0
 
     def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator)
+        if self.twins is not None:
+            twin = self.twins[order]
+            swap = (twin >= 0) & (torch.rand(self.size, generator=generator) < 0.5)
+            order = torch.where(swap, twin, order)
         mine = self.arrange(order[self.rank : len(self) * self.world : self.world])  # every rank the same count
         start, self._start = self._start, 0
         self.consumed = start
@@ -53,8 +63,9 @@ class LengthBucketSampler(ResumableSampler):
     (seed, epoch), so a resumed run sees the same batches.
     """
 
-    def __init__(self, lengths: list[int], seed: int, batch_size: int, window: int):
-        super().__init__(len(lengths), seed, batch_size)
+    def __init__(self, lengths: list[int], seed: int, batch_size: int, window: int, size: int | None = None,
+                 twins: list[int] | None = None):
+        super().__init__(len(lengths) if size is None else size, seed, batch_size, twins)
         self.lengths, self.window = torch.tensor(lengths), window
 
     def arrange(self, order: torch.Tensor) -> torch.Tensor:
@@ -70,11 +81,15 @@ class LengthBucketSampler(ResumableSampler):
         return torch.cat(out) if out else order
 
 
-def training_sampler(lengths: list[int], seed: int, batch_size: int, length_buckets: int = 0) -> ResumableSampler:
-    """Plain shuffle, or batches of similar caption length sorted in windows of `length_buckets` batches."""
+def training_sampler(lengths: list[int], seed: int, batch_size: int, length_buckets: int = 0,
+                     twins: list[int] | None = None) -> ResumableSampler:
+    """Plain shuffle, or batches of similar caption length sorted in windows of `length_buckets` batches.
+    With `twins` (one per item of an epoch, -1 for none), the twins are the items after those and stand
+    in for them (ResumableSampler); `lengths` covers both."""
+    size = len(lengths) if twins is None else len(twins)
     if length_buckets:
-        return LengthBucketSampler(lengths, seed, batch_size, length_buckets)
-    return ResumableSampler(len(lengths), seed, batch_size)
+        return LengthBucketSampler(lengths, seed, batch_size, length_buckets, size, twins)
+    return ResumableSampler(size, seed, batch_size, twins)
 
 
 class ResumableLoader(DataLoader):
