@@ -233,6 +233,15 @@ def one_line(error: BaseException) -> str:
 # a shard pattern such as s3://bucket/{00000..00999}.tar: a shell strips the quotes users put around it,
 # and Hydra's override grammar reads an unquoted `{` as the start of a dict
 BRACE_RANGE = re.compile(r"^([\w.@/+~-]+)=([^'\"].*\{\d+\.\.\d+\}.*)$")
+GROUP_NULL = re.compile(r"[A-Za-z_][\w/]*=null")
+
+
+def null_groups(argv: list[str]) -> list[str]:
+    """`group=null` -> `~group`: on the command line a config group (`pretrain`, `logger`, `model/mapper`) set
+    to null is removed, as `group: null` is in a defaults list; Hydra itself spells that `~group` and takes
+    `group=null` for a string it cannot read. Keys that are not groups (`ckpt_path=null`) stay as typed."""
+    return [f"~{a[:-len('=null')]}" if GROUP_NULL.fullmatch(a) and (Path(CONF_DIR) / a[:-len("=null")]).is_dir() else a
+            for a in argv]
 
 
 def quote_brace_ranges(argv: list[str]) -> list[str]:
@@ -314,7 +323,7 @@ def hydra_main(config_name: str) -> Callable:
                 import optuna
 
                 optuna.logging.set_verbosity(optuna.logging.WARNING)
-            sys.argv[1:] = quote_brace_ranges(sys.argv[1:])
+            sys.argv[1:] = null_groups(quote_brace_ranges(sys.argv[1:]))
             if {"--help", "-h"} & set(sys.argv[1:]):
                 print(usage(config_name))
             run = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(checked)

@@ -160,3 +160,15 @@ def test_pretraining_runs_without_a_wandb_login(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "data" / "synthetic" / "features" / "pretrained" / "gpt2" / "model.safetensors").is_file()
     assert list((tmp_path / "run").rglob("offline-run-*")), "W&B did not log offline"
+
+
+def test_a_config_group_set_to_null_on_the_command_line_is_removed_as_in_a_defaults_list():
+    from captioner.config import null_groups
+
+    assert null_groups(["pretrain=null", "model/mapper=null", "ckpt_path=null", "model.decoder_lr=null", "data=coco"]) == \
+        ["~pretrain", "~model/mapper", "ckpt_path=null", "model.decoder_lr=null", "data=coco"]
+    done = command("-m", "captioner.train", "pretrain=null", "logger=null", "ckpt_path=null", "--cfg", "job", timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    composed = yaml.safe_load(done.stdout)
+    assert "pretrain" not in composed and "logger" not in composed  # conf/pretrain/tiny.yaml: "pretrain=null skips them all"
+    assert composed["ckpt_path"] is None and composed["model"]["decoder"] == "${pretrain.lm.out}"
