@@ -160,8 +160,8 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> s
     fresh otherwise, so the same command can be re-run (or re-queued) after a crash; any other value
     is a path passed to `Trainer.fit` as is. A fresh run (`null`) into a directory that holds a
     `last.ckpt` is refused: it would overwrite that run's checkpoints and logs."""
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
     if ckpt_path is None:
-        last = Path(output_dir) / "checkpoints" / "last.ckpt"
         if last.is_file():
             raise RunDirectoryInUseError(
                 f"{last} exists: this run directory holds a run. Resume it with ckpt_path=auto, or start a fresh "
@@ -171,7 +171,6 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> s
         if ckpt_path and ckpt_path not in ("last", "hpc") and not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (use ckpt_path=auto to resume if present)")
         return ckpt_path
-    last = Path(output_dir) / "checkpoints" / "last.ckpt"
     return str(last) if last.is_file() else None
 
 

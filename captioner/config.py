@@ -136,7 +136,8 @@ def _one_of(*choices) -> tuple[Callable, str]:
 
 POSITIVE, NON_NEGATIVE = (_positive, "a positive integer"), (_non_negative, "an integer >= 0")
 PRECISIONS = _one_of("fp32", "fp16", "bf16")
-# key -> (test, what is allowed): values whose type alone does not rule them out
+
+
 def _swaps_back(swap) -> bool:
     """A mirror's word swap (data/mirror.py): words, each one's swap mapping back to it."""
     try:
@@ -146,6 +147,7 @@ def _swaps_back(swap) -> bool:
     return True
 
 
+# key -> (test, what is allowed): values whose type alone does not rule them out
 CHECKS: dict[str, tuple[Callable, str]] = {
     "data.batch_size": POSITIVE,
     "data.eval_batch_size": POSITIVE,
@@ -233,15 +235,14 @@ def one_line(error: BaseException) -> str:
 # a shard pattern such as s3://bucket/{00000..00999}.tar: a shell strips the quotes users put around it,
 # and Hydra's override grammar reads an unquoted `{` as the start of a dict
 BRACE_RANGE = re.compile(r"^([\w.@/+~-]+)=([^'\"].*\{\d+\.\.\d+\}.*)$")
-GROUP_NULL = re.compile(r"[A-Za-z_][\w/]*=null")
+GROUP_NULL = re.compile(r"([A-Za-z_][\w/]*)=null")
 
 
 def null_groups(argv: list[str]) -> list[str]:
     """`group=null` -> `~group`: on the command line a config group (`pretrain`, `logger`, `model/mapper`) set
     to null is removed, as `group: null` is in a defaults list; Hydra itself spells that `~group` and takes
     `group=null` for a string it cannot read. Keys that are not groups (`ckpt_path=null`) stay as typed."""
-    return [f"~{a[:-len('=null')]}" if GROUP_NULL.fullmatch(a) and (Path(CONF_DIR) / a[:-len("=null")]).is_dir() else a
-            for a in argv]
+    return [f"~{m[1]}" if (m := GROUP_NULL.fullmatch(a)) and (Path(CONF_DIR) / m[1]).is_dir() else a for a in argv]
 
 
 def quote_brace_ranges(argv: list[str]) -> list[str]:

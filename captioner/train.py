@@ -29,8 +29,8 @@ from captioner.pretraining import prepare as prepare_pretrained
 from captioner.results import print_scores, score_split, write_results
 
 # what a resumed run must share with the run that wrote its checkpoint: the data order and the optimizer
-RESUME_KEYS = ("seed", "data.batch_size", "data.length_buckets", "data.seed", "data.noise", "data.mirror", "data.mirror_swap", "model.lr", "model.decoder_lr",
-               "model.weight_decay", "model.warmup_steps", "model.adamw", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
+RESUME_KEYS = ("seed", "data.batch_size", "data.length_buckets", "data.seed", "data.noise", "data.mirror", "data.mirror_swap",
+               "model.lr", "model.decoder_lr", "model.weight_decay", "model.warmup_steps", "model.adamw", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
                "trainer.devices", "trainer.num_nodes", "trainer.max_epochs", "trainer.max_steps")
 
 

@@ -32,17 +32,17 @@ def test_side_words_swap_whole_words_in_any_case_and_a_swap_must_map_back():
 def test_only_captions_that_name_a_side_get_a_twin_and_each_epoch_reads_one_of_each_pair():
     records = [ImageRecord(1, Path("a.png"), ("a ring on the left", "a ring", "on the left a ring")),
                ImageRecord(0, Path("b.png"), ("a ring, a star and a cross in a row",))]  # a row implies an order: no twin
-    twins = mirror_records(records, SIDES)
+    twins = mirror_records(records, SideWords(SIDES))
     assert twins == [ImageRecord(mirrored_id(1), Path("a.png"), ("a ring on the right", "on the right a ring"), mirrored=True)]
     assert mirrored_id(0) == -1 and mirrored_id(1) == -2  # never a real (non-negative) image id
     records += twins
     pairs = pairs_for(records, every_caption=True)
-    twin = twin_pairs(records, pairs, SIDES)
+    twin = twin_pairs(records, pairs, SideWords(SIDES))
     assert twin == [4, -1, 5, -1]  # pair (0, 0) -> (2, 0), (0, 2) -> (2, 1)
     assert pairs_for(records, every_caption=False) == [(0, 0), (1, 0)]  # captioning a split skips the twins
 
     size, twins_of = 2000, [2000 + i if i % 2 == 0 else -1 for i in range(2000)]
-    sampler = training_sampler([1] * 3000, seed=0, batch_size=10, twins=twins_of)
+    sampler = training_sampler([1] * 4000, seed=0, batch_size=10, twins=twins_of)
     seen = []
     for epoch in (0, 1):
         sampler.set_epoch(epoch)

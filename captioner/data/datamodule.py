@@ -62,9 +62,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.save_hyperparameters(logger=False)
         self.splits = {k: dict(v) for k, v in splits.items()}
         self.noise = dict(noise or {"variance": 0.0})
-        self.swap = dict(mirror_swap or SIDES) if mirror else None
-        if self.swap is not None:
-            SideWords(self.swap)  # refuses a swap that does not map back, before anything is extracted
+        # refuses a swap that does not map back, before anything is extracted
+        self.side_words = SideWords(mirror_swap or SIDES) if mirror else None
         self.twins: list[int] | None = None
         self.records: dict[str, list[ImageRecord]] = {}
         self.datasets: dict[str, CaptionDataset] = {}
@@ -83,13 +82,13 @@ class CaptionDataModule(L.LightningDataModule):
             distributed = dict(rank=trainer.global_rank, world_size=trainer.world_size,
                                barrier=trainer.strategy.barrier, device=trainer.strategy.root_device)
         if self.splits[split].get("format") == "webdataset":  # tar shards: the records come out of the store
-            if split == "train" and self.swap is not None:
+            if split == "train" and self.side_words is not None:
                 raise ValueError("data.mirror=true mirrors image files, and this training split is webdataset shards: "
                                  "set data.mirror=false")
             return self._load_shards(split, **distributed)
         records = load_records(self.splits[split])
-        if split == "train" and self.swap is not None:
-            records = records + mirror_records(records, self.swap)
+        if split == "train" and self.side_words is not None:
+            records = records + mirror_records(records, self.side_words)
         key = store_key(identity_hash(records), encoder_spec)
         with torch.random.fork_rng(devices=[]):  # extraction's DataLoader draws a seed: a cold cache must not shift the run
             store = open_or_extract(
@@ -131,7 +130,7 @@ class CaptionDataModule(L.LightningDataModule):
             self.records[split] = [r for r in records if not r.mirrored]
             self.datasets[split] = CaptionDataset(store, records, tokens, pairs)
             if split == "train" and any(r.mirrored for r in records):  # text-only training reads no image to mirror
-                self.twins = twin_pairs(records, pairs, self.swap)
+                self.twins = twin_pairs(records, pairs, self.side_words)
 
     def references(self, split: str) -> dict[int, list[str]]:
         return {r.image_id: list(r.captions) for r in self.records[split]}

@@ -49,10 +49,9 @@ class SideWords:
         return self.pattern.sub(swapped, caption)
 
 
-def mirror_records(records: Sequence[ImageRecord], swap: Mapping[str, str]) -> list[ImageRecord]:
+def mirror_records(records: Sequence[ImageRecord], words: SideWords) -> list[ImageRecord]:
     """The mirrored twin of each record with a caption that names a side, holding those captions only,
     their side words swapped, in the records' order."""
-    words = SideWords(swap)
     twins = []
     for r in records:
         captions = tuple(words.mirrored(c) for c in r.captions if words.names_a_side(c))
@@ -61,11 +60,10 @@ def mirror_records(records: Sequence[ImageRecord], swap: Mapping[str, str]) -> l
     return twins
 
 
-def twin_pairs(records: Sequence[ImageRecord], pairs: Sequence[tuple[int, int]], swap: Mapping[str, str]) -> list[int]:
+def twin_pairs(records: Sequence[ImageRecord], pairs: Sequence[tuple[int, int]], words: SideWords) -> list[int]:
     """For each (record, caption) pair of an unmirrored image, the index in `pairs` of its mirrored twin,
     or -1 where the caption names no side. `records` ends with the twins `mirror_records` made; so do
     `pairs`, whose unmirrored pairs are the ones listed."""
-    words = SideWords(swap)
     index = {pair: i for i, pair in enumerate(pairs)}
     row = {r.image_id: i for i, r in enumerate(records)}
     out = []
