@@ -34,7 +34,8 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, InterpolationKeyError, MissingMandatoryValue,
+                              OmegaConfBaseException)
 
 from captioner.data.datamodule import CaptionDataModule
 from captioner.data.mirror import SideWords
@@ -184,6 +185,7 @@ class ConfigError(ValueError):
 
 def check(cfg: DictConfig) -> None:
     """The value checks of CHECKS and the decoding options, on the composed config, before any work."""
+    check_references(cfg)
     for key, (test, allowed) in CHECKS.items():
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if value is None and key != "trainer.max_epochs" or OmegaConf.select(cfg, key.rsplit(".", 1)[0]) is None:
@@ -202,6 +204,40 @@ def check(cfg: DictConfig) -> None:
             Decoding(**options)
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from None
+
+
+def check_references(cfg: DictConfig) -> None:
+    """Every `${key}` in the config has a key to read. A config group removed on the command line
+    (`pretrain=null`) leaves the keys that read it unresolved: model=tiny's `model.encoder` reads
+    `${pretrain.clip.out}`. That is one line naming the keys to set, before any work."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationKeyError as error:
+        wanted = re.search(r"'([^']+)'", str(error))  # "Interpolation key 'pretrain.clip.out' not found"
+        wanted = wanted[1] if wanted else "?"
+        group = wanted.split(".")[0]
+        if not ((Path(CONF_DIR) / group).is_dir() and group_removed(group)):
+            raise ConfigError(f"{error.full_key} reads ${{{wanted}}}, which this config does not have: set one of them") from None
+        readers = [key for key, value in leaves(OmegaConf.to_container(cfg, resolve=False))
+                   if isinstance(value, str) and re.search(rf"\$\{{{re.escape(group)}[.}}]", value)]
+        raise ConfigError(f"{group}=null removed the {group} config group, which {', '.join(readers)} read: set "
+                          f"{'them' if len(readers) > 1 else 'it'} yourself ({readers[0]}=...), or keep {group}") from None
+
+
+def leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a plain container."""
+    if isinstance(node, dict):
+        return [leaf for k, v in node.items() for leaf in leaves(v, f"{prefix}{k}.")]
+    if isinstance(node, list):
+        return [leaf for i, v in enumerate(node) for leaf in leaves(v, f"{prefix}{i}.")]
+    return [(prefix[:-1], node)]
+
+
+def group_removed(group: str) -> bool:
+    """Whether this run's config has no option of `group` (Hydra's choices: `~group` or `group=null` removed it)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and HydraConfig.get().runtime.choices.get(group) is None
 
 
 def check_machine(cfg: DictConfig) -> None:

@@ -279,7 +279,9 @@ def build_lm(
 
 def prepare(pretrain: Mapping | None, loggers: Sequence = ()) -> None:
     """Build (or find) every step configured under `pretrain` (`conf/pretrain/*.yaml`), in order."""
-    if not pretrain:
+    from captioner.config import group_removed
+
+    if not pretrain or group_removed("pretrain"):  # pretrain=null: an experiment's tweaks to it may remain, alone
         return
     if not isinstance(pretrain, dict):  # a DictConfig: plain values for the manifests
         from omegaconf import OmegaConf
@@ -300,7 +302,9 @@ def run_steps(cfg, names: Sequence[str]) -> dict[str, Path]:
     configured, then build the named steps of `cfg.pretrain` (cached), logging to `cfg.logger` too."""
     from omegaconf import OmegaConf
 
-    if not cfg.get("pretrain"):
+    from captioner.config import group_removed
+
+    if not cfg.get("pretrain") or group_removed("pretrain"):
         raise ValueError("nothing to pretrain: this config has pretrain=null (use pretrain=tiny)")
     if cfg.data.get("synthetic"):
         from captioner.data.synthetic import write_dataset

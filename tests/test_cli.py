@@ -34,6 +34,7 @@ def command(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
     ("score_weights=final", ["score_weights", "best", "last"]),
     ("model.decoder_lr=0", ["model.decoder_lr", "a learning rate > 0, or null"]),
     ("data.mirror_swap.left=up", ["data.mirror_swap", "map back"]),
+    ("pretrain=null", ["pretrain=null", "model.encoder.name, model.decoder, model.tokenizer", "keep pretrain"]),
 ])
 def test_a_bad_config_value_is_one_line_naming_the_key_and_what_is_allowed(override, named, tmp_path):
     done = command("-m", "captioner.train", "experiment=smoke", override, f"hydra.run.dir={tmp_path}", timeout=120)
@@ -43,6 +44,17 @@ def test_a_bad_config_value_is_one_line_naming_the_key_and_what_is_allowed(overr
     assert all(word in lines[0] for word in named), lines[0]
     assert "Traceback" not in done.stderr + done.stdout
     assert not (tmp_path / "config.yaml").exists()  # refused before the run started
+
+
+def test_without_pretrain_an_experiments_tweaks_to_it_build_nothing(tmp_path):
+    # experiment=smoke shortens the pretraining steps; with pretrain=null those keys remain and must not run
+    # a pretraining step, so the first thing missing is the encoder the user named
+    done = command("-m", "captioner.train", "experiment=smoke", "pretrain=null", f"model.encoder.name={tmp_path}/clip.pt",
+                   f"model.decoder={tmp_path}/gpt2", f"model.tokenizer={tmp_path}/tokenizer", f"hydra.run.dir={tmp_path}/run",
+                   timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
+    assert f"{tmp_path}/clip.pt" in errors[0] and "Traceback" not in done.stderr
 
 
 def entry_source(entry: str) -> str:
