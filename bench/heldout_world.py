@@ -194,19 +194,30 @@ def score(root: Path, captions_file: Path) -> dict:
     return {"accuracy": all_right / all_images, **{k: correct[k] / totals[k] for k in totals}}
 
 
+def place_cells(place: str, side: int) -> list[int]:
+    """The row-major indices of the patches that cover `place` on a side x side patch grid (side a multiple of 3)."""
+    if side % 3:
+        raise ValueError(f"a {side} x {side} patch grid does not split into the world's 3 x 3 places")
+    column_name, row_name = PLACES[place]
+    column, row, per = list(COLUMNS).index(column_name), list(ROWS).index(row_name), side // 3
+    return [(row * per + i) * side + column * per + j for i in range(per) for j in range(per)]
+
+
 def probe(root: Path, clips: list[Path], layer: int) -> None:
-    """How well each tower's features tell a lone object's shape: softmax regression (full-batch L-BFGS) on the
-    patch tokens of every one-object training scene, scored on the one-object validation and test scenes."""
+    """How well each tower's features tell the shapes: softmax regression (full-batch L-BFGS) fitted on the
+    training split, scored on the validation and test splits. Lone objects: every patch token and the pooled
+    vector. Two objects: each object's shape from the tokens of its own place only (the 2 x 2 patches of a
+    6 x 6 grid), with the pairs of one colour apart: the scenes whose binding only the shapes tell."""
     import torch
     import torch.nn.functional as F
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from captioner.models.encoder import ClipEncoder
 
-    def singles(split: str) -> tuple[list[Path], torch.Tensor]:
+    def scenes(split: str, count: int) -> tuple[list[Path], list[list[dict]]]:
         images = json.loads((root / "annotations" / f"captions_{split}.json").read_text())["images"]
-        ones = [im for im in images if len(im["truth"]) == 1]
-        return [root / "images" / split / im["file_name"] for im in ones], torch.tensor([SHAPES.index(im["truth"][0]["shape"]) for im in ones])
+        chosen = [im for im in images if len(im["truth"]) == count]
+        return [root / "images" / split / im["file_name"] for im in chosen], [im["truth"] for im in chosen]
 
     def fit(x: torch.Tensor, y: torch.Tensor, held_x: torch.Tensor) -> torch.Tensor:
         mean, std = x.mean(0), x.std(0) + 1e-6
@@ -223,21 +234,48 @@ def probe(root: Path, clips: list[Path], layer: int) -> None:
         with torch.no_grad():
             return linear((held_x - mean) / std).argmax(1)
 
-    train_paths, train_y = singles("train")
-    held = [singles(s) for s in ("val", "test")]
-    held_paths, held_y = [p for ps, _ in held for p in ps], torch.cat([y for _, y in held])
-    table = Table(title=f"shape of a lone object (4 classes): {len(train_paths)} training scenes, {len(held_paths)} held out")
-    for column in ("tower", "patch tokens", "pooled vector"):
+    def encode(encoder: ClipEncoder, paths: list[Path]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return encoder(torch.stack([encoder.preprocess(Image.open(p).convert("RGB")) for p in paths]))
+
+    def at_places(tokens: torch.Tensor, truths: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(each object's place tokens, flattened; its shape; whether its scene's two objects share a colour)"""
+        side = math.isqrt(tokens.shape[1])
+        x, y, one_colour = [], [], []
+        for row_tokens, truth in zip(tokens, truths):
+            for thing in truth:
+                x.append(row_tokens[place_cells(thing["place"], side)].flatten())
+                y.append(SHAPES.index(thing["shape"]))
+                one_colour.append(truth[0]["colour"] == truth[1]["colour"])
+        return torch.stack(x), torch.tensor(y), torch.tensor(one_colour)
+
+    def pct(right: torch.Tensor) -> str:
+        return f"{100 * right.float().mean():.1f} %"
+
+    ones_train = scenes("train", 1)
+    ones_held = [scenes(s, 1) for s in ("val", "test")]
+    ones_held = [p for ps, _ in ones_held for p in ps], [t for _, ts in ones_held for t in ts]
+    twos_train = scenes("train", 2)
+    twos_held = [scenes(s, 2) for s in ("val", "test")]
+    twos_held = [p for ps, _ in twos_held for p in ps], [t for _, ts in twos_held for t in ts]
+    label = lambda truths: torch.tensor([SHAPES.index(t[0]["shape"]) for t in truths])  # noqa: E731
+    table = Table(title=f"shape probe, block {layer}: lone objects ({len(ones_train[0])} training scenes, "
+                        f"{len(ones_held[0])} held out); two objects, each from its own place's tokens "
+                        f"({len(twos_train[0])} training scenes, {len(twos_held[0])} held out)")
+    for column in ("tower", "lone: patch tokens", "lone: pooled vector", "two: at its place", "two of one colour", "two colours"):
         table.add_column(column, justify="left" if column == "tower" else "right")
     torch.manual_seed(0)
     for clip in clips:
         encoder = ClipEncoder({"name": str(clip), "layer": layer})
-        with torch.no_grad():
-            feats = [encoder(torch.stack([encoder.preprocess(Image.open(p).convert("RGB")) for p in paths])) for paths in (train_paths, held_paths)]
+        lone = [encode(encoder, paths) for paths in (ones_train[0], ones_held[0])]
         cells = []
         for key in ("patch_tokens", "clip_features"):
-            predicted = fit(feats[0][key].flatten(1), train_y, feats[1][key].flatten(1))
-            cells.append(f"{100 * (predicted == held_y).float().mean():.1f} %")
+            predicted = fit(lone[0][key].flatten(1), label(ones_train[1]), lone[1][key].flatten(1))
+            cells.append(pct(predicted == label(ones_held[1])))
+        x, y, _ = at_places(encode(encoder, twos_train[0])["patch_tokens"], twos_train[1])
+        held_x, held_y, one_colour = at_places(encode(encoder, twos_held[0])["patch_tokens"], twos_held[1])
+        right = fit(x, y, held_x) == held_y
+        cells += [pct(right), pct(right[one_colour]), pct(right[~one_colour])]
         table.add_row(str(clip), *cells)
     Console().print(table)
 
@@ -254,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     s = commands.add_parser("score", help="scene accuracy of a run's test captions")
     s.add_argument("root", type=Path)
     s.add_argument("captions", type=Path, help="a run's captions_test.json")
-    p = commands.add_parser("probe", help="how well towers' features tell a lone object's shape")
+    p = commands.add_parser("probe", help="how well towers' features tell the shapes, alone and at their places")
     p.add_argument("root", type=Path)
     p.add_argument("clips", type=Path, nargs="+", help="CLIP state dicts (clip.pt) to compare")
     p.add_argument("--layer", type=int, default=-1, help="the block whose patch tokens are probed (-1: the last)")

@@ -57,3 +57,13 @@ def test_the_score_counts_pairs_of_one_colour_on_their_own_row(tmp_path):
     scores = heldout_world.score(tmp_path, tmp_path / "captions.json")
     assert scores["two of one colour"] == 0.0 and scores["two objects"] == 0.5 and scores["one object"] == 1.0
     assert scores["accuracy"] == pytest.approx(2 / 3)  # each image counted once
+
+
+def test_the_probe_reads_each_object_from_the_patches_of_its_own_place():
+    # 96 px at patch 16: a 6 x 6 grid, 2 x 2 patches a place, row-major
+    assert heldout_world.place_cells("top left", 6) == [0, 1, 6, 7]
+    assert heldout_world.place_cells("centre", 6) == [14, 15, 20, 21]
+    assert heldout_world.place_cells("bottom right", 6) == [28, 29, 34, 35]
+    assert heldout_world.place_cells("right", 3) == [5]
+    with pytest.raises(ValueError, match="3 x 3 places"):
+        heldout_world.place_cells("top", 4)
