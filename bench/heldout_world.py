@@ -214,10 +214,15 @@ def probe(root: Path, clips: list[Path], layer: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from captioner.models.encoder import ClipEncoder
 
-    def scenes(split: str, count: int) -> tuple[list[Path], list[list[dict]]]:
-        images = json.loads((root / "annotations" / f"captions_{split}.json").read_text())["images"]
-        chosen = [im for im in images if len(im["truth"]) == count]
-        return [root / "images" / split / im["file_name"] for im in chosen], [im["truth"] for im in chosen]
+    def scenes(splits: tuple[str, ...], count: int) -> tuple[list[Path], list[list[dict]]]:
+        """(image paths, truths) of the scenes of `count` objects in `splits`, in order."""
+        paths, truths = [], []
+        for split in splits:
+            images = json.loads((root / "annotations" / f"captions_{split}.json").read_text())["images"]
+            chosen = [im for im in images if len(im["truth"]) == count]
+            paths += [root / "images" / split / im["file_name"] for im in chosen]
+            truths += [im["truth"] for im in chosen]
+        return paths, truths
 
     def fit(x: torch.Tensor, y: torch.Tensor, held_x: torch.Tensor) -> torch.Tensor:
         mean, std = x.mean(0), x.std(0) + 1e-6
@@ -252,12 +257,8 @@ def probe(root: Path, clips: list[Path], layer: int) -> None:
     def pct(right: torch.Tensor) -> str:
         return f"{100 * right.float().mean():.1f} %"
 
-    ones_train = scenes("train", 1)
-    ones_held = [scenes(s, 1) for s in ("val", "test")]
-    ones_held = [p for ps, _ in ones_held for p in ps], [t for _, ts in ones_held for t in ts]
-    twos_train = scenes("train", 2)
-    twos_held = [scenes(s, 2) for s in ("val", "test")]
-    twos_held = [p for ps, _ in twos_held for p in ps], [t for _, ts in twos_held for t in ts]
+    ones_train, ones_held = scenes(("train",), 1), scenes(("val", "test"), 1)
+    twos_train, twos_held = scenes(("train",), 2), scenes(("val", "test"), 2)
     label = lambda truths: torch.tensor([SHAPES.index(t[0]["shape"]) for t in truths])  # noqa: E731
     table = Table(title=f"shape probe, block {layer}: lone objects ({len(ones_train[0])} training scenes, "
                         f"{len(ones_held[0])} held out); two objects, each from its own place's tokens "
