@@ -5,6 +5,7 @@
         data.splits.train.images=/tmp/heldout/images/train ... data.cache_dir=/tmp/heldout/cache   (printed by `write`)
     python bench/heldout_world.py score /tmp/heldout outputs/train/runs/<run>/captions_test.json
     python bench/heldout_world.py probe /tmp/heldout /tmp/heldout/cache/pretrained/clip/clip.pt   # can a tower tell the shapes?
+    python bench/heldout_world.py binding /tmp/heldout outputs/train/runs/<run>/checkpoints/last.ckpt   # does the decoder bind them?
 
 Nothing here comes from `captioner/data/synthetic.py`: other shapes (ring, cross, star, hexagon), other
 colours (cyan, pink, orange, lime, white) on a dark ground, 96-pixel images, another phrasing, and nine
@@ -281,6 +282,52 @@ def probe(root: Path, clips: list[Path], layer: int) -> None:
     Console().print(table)
 
 
+def binding_texts(objects: list[dict]) -> list[tuple[str, str, str]]:
+    """(kind, own, other) for each object of a two-object scene: "a <colour> <shape> in the <place>" with the object's
+    own place and with the other object's. kind is "two of one colour" where only the shapes tell them apart. Two
+    identical objects give nothing: either place is right."""
+    kind = "two of one colour" if objects[0]["colour"] == objects[1]["colour"] else "two colours"
+
+    def text(o: dict, place: str) -> str:
+        thing = f"{COLOURS_WORDS[o['colour']][0]} {SHAPE_WORDS[o['shape']][0]}"
+        return f"{'an' if thing[0] in 'aeiou' else 'a'} {thing} in the {PLACE_WORDS[place][0]}"
+
+    return [(kind, text(o, o["place"]), text(o, other["place"])) for o, other in (objects, objects[::-1])
+            if (o["shape"], o["colour"]) != (other["shape"], other["colour"])]
+
+
+def binding(root: Path, checkpoint: Path) -> dict:
+    """Does a trained captioner's decoder bind each object of a two-object test scene to its own place?
+
+    It scores `binding_texts` through the model (teacher forcing) and counts how often the object's own place is the
+    likelier. Where the two objects share a colour only the shape tells them apart: 50 % there is chance."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from captioner.checkpoint import load_module
+    from captioner.models.decoder import caption_ids
+
+    model = load_module(checkpoint).model.eval()
+    images = json.loads((root / "annotations" / "captions_test.json").read_text())["images"]
+    totals, right = Counter(), Counter()
+    with torch.no_grad():
+        for im in (im for im in images if len(im["truth"]) == 2):
+            pixels = model.encoder.preprocess(Image.open(root / "images" / "test" / im["file_name"]).convert("RGB"))[None]
+            prefix = model.prefix({"pixels": pixels})
+            for kind, own, other in binding_texts(im["truth"]):
+                tokens = [caption_ids(model.tokenizer, t) for t in (own, other)]
+                logp, _ = model.token_log_probs(prefix.expand(2, -1, -1), tokens)
+                totals[kind] += 1
+                right[kind] += bool(logp[0].sum() > logp[1].sum())
+    table = Table(title=f"binding: is each object's own place likelier than the other's? ({checkpoint})")
+    for column in ("pairs", "own place likelier", "objects"):
+        table.add_column(column, justify="left" if column == "pairs" else "right")
+    for kind in ("two colours", "two of one colour"):
+        table.add_row(kind, f"{100 * right[kind] / max(1, totals[kind]):.1f} %", str(totals[kind]))
+    Console().print(table)
+    return {k: right[k] / totals[k] for k in totals}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -297,11 +344,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("root", type=Path)
     p.add_argument("clips", type=Path, nargs="+", help="CLIP state dicts (clip.pt) to compare")
     p.add_argument("--layer", type=int, default=-1, help="the block whose patch tokens are probed (-1: the last)")
+    b = commands.add_parser("binding", help="whether a trained captioner reads each object's place by its shape")
+    b.add_argument("root", type=Path)
+    b.add_argument("checkpoint", type=Path, help="a run's checkpoints/last.ckpt")
     args = parser.parse_args(argv)
     if args.command == "write":
         write(args.root, {"train": args.train, "val": args.val, "test": args.test}, args.seed)
     elif args.command == "score":
         score(args.root, args.captions)
+    elif args.command == "binding":
+        binding(args.root, args.checkpoint)
     else:
         probe(args.root, args.clips, args.layer)
 

@@ -67,3 +67,26 @@ def test_the_probe_reads_each_object_from_the_patches_of_its_own_place():
     assert heldout_world.place_cells("right", 3) == [5]
     with pytest.raises(ValueError, match="3 x 3 places"):
         heldout_world.place_cells("top", 4)
+
+
+def test_binding_reads_each_objects_own_place_against_the_others():
+    one_colour = [{**PAIR[0], "colour": "pink"}, PAIR[1]]
+    assert heldout_world.binding_texts(PAIR) == [
+        ("two colours", "a cyan ring in the top left", "a cyan ring in the centre"),
+        ("two colours", "a pink cross in the centre", "a pink cross in the top left"),
+    ]
+    assert [k for k, _, _ in heldout_world.binding_texts(one_colour)] == ["two of one colour"] * 2
+    assert heldout_world.binding_texts([PAIR[0], {**PAIR[0], "place": "centre"}]) == []  # the same object twice
+
+
+def test_binding_scores_a_checkpoint_on_the_worlds_pairs(tmp_path, embedded_ckpt):
+    heldout_world.write(tmp_path, {"test": 12}, seed=3)
+    images = json.loads((tmp_path / "annotations" / "captions_test.json").read_text())["images"]
+    expected = {}
+    for im in images:
+        if len(im["truth"]) == 2:
+            for kind, _, _ in heldout_world.binding_texts(im["truth"]):
+                expected[kind] = expected.get(kind, 0) + 1
+    shares = heldout_world.binding(tmp_path, embedded_ckpt)
+    assert set(shares) == set(expected) and all(0 <= v <= 1 for v in shares.values())
+    assert all(round(shares[k] * expected[k], 6) == round(shares[k] * expected[k]) for k in expected)  # whole objects
