@@ -85,7 +85,7 @@ def test_a_new_mapper_is_one_class():
 def test_unknown_names_and_options_are_one_line_naming_the_key():
     with pytest.raises(ValueError, match=r"unknown mapper 'bogus': choose one of \['attention', 'mlp', 'mlp2x_gelu', "):
         build_mapper("bogus", **DIMS)
-    with pytest.raises(ValueError, match="model.mapper.bogus is not an option of the pixel_shuffle mapper: use scale_factor, num_layers"):
+    with pytest.raises(ValueError, match="model.mapper.bogus is not an option of the pixel_shuffle mapper: use scale_factor, num_layers, positions"):
         build_mapper("pixel_shuffle", **DIMS, options={"bogus": 1})
     with pytest.raises(ValueError, match="model.mapper.num_tokens is not an option of the mlp2x_gelu mapper: it is read from the encoder"):
         build_mapper("mlp2x_gelu", **DIMS, options={"num_tokens": 4})
@@ -135,6 +135,23 @@ def test_pixel_shuffle_mapper_is_nanovlms_projector():
     assert proj.bias is None and proj.weight.shape == (40, 24 * 4) and abs(proj.weight.std().item() - 0.02) < 0.003
     tokens = torch.randn(2, 16, 24)
     torch.testing.assert_close(mapper(tokens), reference_shuffle(tokens, 2) @ proj.weight.T)
+
+
+def test_pixel_shuffle_positions_tell_one_block_at_two_places_apart():
+    torch.manual_seed(0)
+    mapper = PixelShuffleMapper(in_dim=24, embed_dim=40, num_tokens=16, scale_factor=2, num_layers=2, positions=True)
+    assert mapper.position.shape == (4, 40)
+    block = torch.randn(4, 24)
+    tokens = torch.zeros(1, 16, 24)
+    tokens[0, [0, 1, 4, 5]] = block  # the same content in the top-left block ...
+    tokens[0, [10, 11, 14, 15]] = block  # ... and in the bottom-right one
+    out = mapper(tokens)[0]
+    first, gelu, last = mapper.projector
+    expected = last(gelu(first(reference_shuffle(tokens, 2)) + mapper.position))[0]
+    torch.testing.assert_close(out, expected)  # the place is added before the GELU, not after the MLP
+    assert not torch.allclose(out[0], out[3], atol=1e-4)
+    plain = PixelShuffleMapper(in_dim=24, embed_dim=40, num_tokens=16, scale_factor=2, num_layers=2)
+    torch.testing.assert_close(plain(tokens)[0, 0], plain(tokens)[0, 3])  # without them the two are one
 
 
 @pytest.mark.parametrize(("num_tokens", "scale", "message"), [

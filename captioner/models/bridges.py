@@ -62,7 +62,8 @@ class PixelShuffleMapper(Mapper, name="pixel_shuffle"):
 
     input_key = "patch_tokens"
 
-    def __init__(self, in_dim: int, embed_dim: int, num_tokens: int, scale_factor: int = 2, num_layers: int = 1):
+    def __init__(self, in_dim: int, embed_dim: int, num_tokens: int, scale_factor: int = 2, num_layers: int = 1,
+                 positions: bool = False):
         super().__init__()
         g = math.isqrt(num_tokens)
         if g * g != num_tokens:
@@ -76,6 +77,12 @@ class PixelShuffleMapper(Mapper, name="pixel_shuffle"):
         proj = nn.Linear(in_dim * scale_factor**2, embed_dim, bias=False)  # nanoVLM's MP.proj
         nn.init.normal_(proj.weight, mean=0.0, std=0.02)  # nanoVLM's initialisation
         self.projector = gelu_mlp(proj, num_layers)
+        # positions: a learned embedding of each block's place, added after the first Linear. Before the MLP's
+        # GELU it lets each prefix embedding code what is there jointly with where (docs/results/binding.md).
+        self.position = nn.Parameter(torch.randn(self.prefix_length, embed_dim) * 0.02) if positions else None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.projector(pixel_shuffle(tokens, self.scale_factor))  # (B, N/s^2, D)
+        x = pixel_shuffle(tokens, self.scale_factor)
+        if self.position is None:
+            return self.projector(x)  # (B, N/s^2, D)
+        return self.projector[1:](self.projector[0](x) + self.position)
