@@ -204,6 +204,17 @@ def place_cells(place: str, side: int) -> list[int]:
     return [(row * per + i) * side + column * per + j for i in range(per) for j in range(per)]
 
 
+def scenes(root: Path, splits: tuple[str, ...], count: int) -> tuple[list[Path], list[list[dict]]]:
+    """(image paths, truths) of the scenes of `count` objects in `splits`, in order."""
+    paths, truths = [], []
+    for split in splits:
+        images = json.loads((root / "annotations" / f"captions_{split}.json").read_text())["images"]
+        chosen = [im for im in images if len(im["truth"]) == count]
+        paths += [root / "images" / split / im["file_name"] for im in chosen]
+        truths += [im["truth"] for im in chosen]
+    return paths, truths
+
+
 def probe(root: Path, clips: list[Path], layer: int) -> None:
     """How well each tower's features tell the shapes: softmax regression (full-batch L-BFGS) fitted on the
     training split, scored on the validation and test splits. Lone objects: every patch token and the pooled
@@ -214,16 +225,6 @@ def probe(root: Path, clips: list[Path], layer: int) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from captioner.models.encoder import ClipEncoder
-
-    def scenes(splits: tuple[str, ...], count: int) -> tuple[list[Path], list[list[dict]]]:
-        """(image paths, truths) of the scenes of `count` objects in `splits`, in order."""
-        paths, truths = [], []
-        for split in splits:
-            images = json.loads((root / "annotations" / f"captions_{split}.json").read_text())["images"]
-            chosen = [im for im in images if len(im["truth"]) == count]
-            paths += [root / "images" / split / im["file_name"] for im in chosen]
-            truths += [im["truth"] for im in chosen]
-        return paths, truths
 
     def fit(x: torch.Tensor, y: torch.Tensor, held_x: torch.Tensor) -> torch.Tensor:
         mean, std = x.mean(0), x.std(0) + 1e-6
@@ -258,8 +259,8 @@ def probe(root: Path, clips: list[Path], layer: int) -> None:
     def pct(right: torch.Tensor) -> str:
         return f"{100 * right.float().mean():.1f} %"
 
-    ones_train, ones_held = scenes(("train",), 1), scenes(("val", "test"), 1)
-    twos_train, twos_held = scenes(("train",), 2), scenes(("val", "test"), 2)
+    ones_train, ones_held = scenes(root, ("train",), 1), scenes(root, ("val", "test"), 1)
+    twos_train, twos_held = scenes(root, ("train",), 2), scenes(root, ("val", "test"), 2)
     label = lambda truths: torch.tensor([SHAPES.index(t[0]["shape"]) for t in truths])  # noqa: E731
     table = Table(title=f"shape probe, block {layer}: lone objects ({len(ones_train[0])} training scenes, "
                         f"{len(ones_held[0])} held out); two objects, each from its own place's tokens "
@@ -308,13 +309,11 @@ def binding(root: Path, checkpoint: Path) -> dict:
     from captioner.models.decoder import caption_ids
 
     model = load_module(checkpoint).model.eval()
-    images = json.loads((root / "annotations" / "captions_test.json").read_text())["images"]
     totals, right = Counter(), Counter()
     with torch.no_grad():
-        for im in (im for im in images if len(im["truth"]) == 2):
-            pixels = model.encoder.preprocess(Image.open(root / "images" / "test" / im["file_name"]).convert("RGB"))[None]
-            prefix = model.prefix({"pixels": pixels})
-            for kind, own, other in binding_texts(im["truth"]):
+        for path, truth in zip(*scenes(root, ("test",), 2)):
+            prefix = model.prefix({"pixels": model.encoder.preprocess(Image.open(path).convert("RGB"))[None]})
+            for kind, own, other in binding_texts(truth):
                 tokens = [caption_ids(model.tokenizer, t) for t in (own, other)]
                 logp, _ = model.token_log_probs(prefix.expand(2, -1, -1), tokens)
                 totals[kind] += 1
