@@ -110,11 +110,13 @@ def test_no_entry_point_sets_hf_hub_offline():
 def test_a_gpu_coco_config_carries_none_of_the_embedded_defaults_budget():
     done = command("-m", "captioner.train", "data=coco", "model=clipcap", "trainer=gpu", "--cfg", "job", timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    trainer = yaml.safe_load(done.stdout)["trainer"]
-    assert trainer["max_time"] is None and trainer["max_epochs"] is None, trainer
-    embedded = yaml.safe_load(command("-m", "captioner.train", "--cfg", "job", timeout=300).stdout)["trainer"]
-    # the embedded default keeps its own: a number of steps up to 20 epochs (a data.splits world trains as long) and a time cap
-    assert (embedded["max_epochs"], embedded["max_steps"], embedded["max_time"]) == (20, 7000, "00:00:08:00")
+    coco = yaml.safe_load(done.stdout)
+    assert coco["trainer"]["max_time"] is None and coco["trainer"]["max_epochs"] is None, coco["trainer"]
+    assert coco["data"]["batch_size"] == 40, coco["data"]  # ClipCap's, from conf/data/coco.yaml
+    embedded = yaml.safe_load(command("-m", "captioner.train", "--cfg", "job", timeout=300).stdout)
+    # the embedded default keeps its own: steps of 32 captions up to 20 epochs (a data.splits world trains as long) and a time cap
+    trainer = embedded["trainer"]
+    assert (trainer["max_epochs"], trainer["max_steps"], trainer["max_time"], embedded["data"]["batch_size"]) == (20, 13000, "00:00:08:00", 32)
 
 
 def _run_task(task, monkeypatch) -> SystemExit:
