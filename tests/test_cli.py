@@ -116,7 +116,7 @@ def test_a_gpu_coco_config_carries_none_of_the_embedded_defaults_budget():
     embedded = yaml.safe_load(command("-m", "captioner.train", "--cfg", "job", timeout=300).stdout)
     # the embedded default keeps its own: steps of 32 captions up to 20 epochs (a data.splits world trains as long) and a time cap
     trainer = embedded["trainer"]
-    assert (trainer["max_epochs"], trainer["max_steps"], trainer["max_time"], embedded["data"]["batch_size"]) == (20, 13000, "00:00:08:00", 32)
+    assert (trainer["max_epochs"], trainer["max_steps"], trainer["max_time"], embedded["data"]["batch_size"]) == (20, 11000, "00:00:08:00", 32)
 
 
 def _run_task(task, monkeypatch) -> SystemExit:

@@ -53,6 +53,26 @@ def test_each_mapper_has_a_yaml_whose_keys_are_its_options(name, tmp_path):
     assert set(cfg.model.mapper) == {"name", *MAPPERS[name].options()}
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "model" / "mapper").glob("*.yaml")))
+def test_every_mapper_yaml_is_a_registered_mapper_with_its_typed_options(preset, tmp_path):
+    """A YAML other than the mapper's own (`pixel_shuffle_placed`, the embedded default) is a preset of a
+    registered class: it composes through that class's schema and builds."""
+    spec = yaml.safe_load((CONF / "model" / "mapper" / f"{preset}.yaml").read_text())
+    name = spec["name"]
+    assert name in MAPPERS and f"/schema/mapper/{name}@_here_" in spec["defaults"]
+    cfg = compose_train(tmp_path, tmp_path, [f"model/mapper={preset}"])
+    options = {k: v for k, v in cfg.model.mapper.items() if k != "name"}
+    assert set(options) == set(MAPPERS[name].options())
+    set_here = {k: v for k, v in spec.items() if k in options and not str(v).startswith("${")}  # interpolations aside
+    assert {k: options[k] for k in set_here} == set_here  # the YAML's values, through the schema
+    assert build_mapper(name, **DIMS, options=options).prefix_length == EXPECTED[name][2]
+
+
+def test_the_embedded_default_codes_each_block_with_its_place(tmp_path):
+    cfg = compose_train(tmp_path, tmp_path, [])
+    assert dict(cfg.model.mapper) == {"name": "pixel_shuffle", "scale_factor": 2, "num_layers": 2, "positions": True}
+
+
 def test_build_mapper_names_no_mapper():
     source = inspect.getsource(registry.build_mapper) + inspect.getsource(Mapper.build) + inspect.getsource(registry.Dimensions)
     assert not [name for name in MAPPERS if f'"{name}"' in source or f"'{name}'" in source]
