@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from torch import nn
-from transformers import get_linear_schedule_with_warmup
+from torch.optim.lr_scheduler import LambdaLR
 
 from captioner.generate import Decoding, decoding_from
 from captioner.metrics import report
@@ -183,8 +184,33 @@ class CaptionModule(L.LightningModule):
         flags = ADAMW[self.hparams.get("adamw", "foreach")]  # older checkpoints have no `adamw`
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, **flags)
         total = self.trainer.estimated_stepping_batches
-        scheduler = get_linear_schedule_with_warmup(optimizer, min(self.hparams.warmup_steps, total // 2), total)
+        scheduler = budget_schedule(optimizer, min(self.hparams.warmup_steps, total // 2), total, self._time_used())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _time_used(self) -> Callable[[], float] | None:
+        """The share of `trainer.max_time` gone, read off Lightning's Timer; None without a time limit, and for
+        more than one process, whose clocks differ and whose learning rates must not."""
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None or timer.time_remaining() is None or self.trainer.world_size > 1:
+            return None
+        return lambda: timer.time_elapsed() / (timer.time_elapsed() + timer.time_remaining())
+
+
+def budget_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int,
+                    time_used: Callable[[], float] | None = None) -> LambdaLR:
+    """Linear warm-up over `warmup` steps, then a linear decay that reaches zero where training ends: at step
+    `total`, or when the time is up if `time_used` (the share of a time limit gone) says it comes first.
+
+    Time counts as steps at the budget's pace: with a share f of the time gone, the decay stands at least at
+    step f * total. A run that keeps pace with its steps follows transformers' linear schedule with warm-up
+    step for step; a run the time limit stops (`trainer.max_time` on a slower machine) still ends at zero
+    rather than part way down, so its final weights are annealed, as `score_weights: last` expects."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        at = max(step, total * time_used()) if time_used is not None else step
+        return max(0.0, (total - at) / max(1, total - warmup))
+    return LambdaLR(optimizer, factor)
 
 
 PARTS = ("encoder.", "mapper.", "decoder.")

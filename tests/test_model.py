@@ -126,7 +126,7 @@ def test_a_checkpoint_with_the_parts_at_the_top_of_its_state_dict_still_loads(em
 
 def test_decoder_lr_gives_the_decoder_its_own_rate_under_the_same_schedule(smoke_cfg):
     module, _ = build(smoke_cfg, "model.lr=1e-3", "model.decoder_lr=2e-4")
-    module._trainer = SimpleNamespace(estimated_stepping_batches=100)  # all configure_optimizers reads of the Trainer
+    module._trainer = SimpleNamespace(estimated_stepping_batches=100, callbacks=[], world_size=1)  # all configure_optimizers reads of the Trainer
     optimizers = module.configure_optimizers()
     groups, scheduler = optimizers["optimizer"].param_groups, optimizers["lr_scheduler"]["scheduler"]
     assert [g["lr"] for g in groups] == [0.0, 0.0]  # warmup starts both at zero
@@ -139,6 +139,42 @@ def test_decoder_lr_gives_the_decoder_its_own_rate_under_the_same_schedule(smoke
     assert 0 < factor <= 1 and groups[1]["lr"] == pytest.approx(2e-4 * factor)
 
     unset, _ = build(smoke_cfg)
-    unset._trainer = SimpleNamespace(estimated_stepping_batches=100)
+    unset._trainer = SimpleNamespace(estimated_stepping_batches=100, callbacks=[], world_size=1)
     (group,) = unset.configure_optimizers()["optimizer"].param_groups
     assert {id(p) for p in group["params"]} == {id(p) for p in unset.parameters() if p.requires_grad}
+
+
+def factors(scheduler, steps: int) -> list[float]:
+    out = []
+    for _ in range(steps):
+        out.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return out
+
+
+@pytest.mark.parametrize("pace", [None, 0.5, 0.99])
+def test_a_run_that_keeps_pace_with_its_steps_follows_the_linear_schedule_step_for_step(pace):
+    # pace: the share of the time limit the whole run would take (None: no time limit)
+    from transformers import get_linear_schedule_with_warmup
+
+    from captioner.module import budget_schedule
+
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    reference = get_linear_schedule_with_warmup(optimizer(), 10, 100)
+    ours = budget_schedule(optimizer(), 10, 100, None if pace is None else lambda: pace * ours.last_epoch / 100)
+    assert factors(ours, 100) == factors(reference, 100)
+
+
+def test_a_run_the_time_limit_stops_early_still_ends_its_decay_at_zero():
+    # the time runs out at step 60 of 100: the decay follows the time and reaches zero there, never rising
+    from captioner.module import budget_schedule
+
+    scheduler = budget_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 10, 100,
+                                lambda: min(1.0, scheduler.last_epoch / 60))
+    lr = factors(scheduler, 61)
+    assert lr[:10] == [step / 10 for step in range(10)]  # warm-up by steps
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    assert lr[30] == pytest.approx((100 - 50) / 90) and lr[60] == 0.0  # step 30 stands at step 50 of the steps' decay

@@ -115,3 +115,13 @@ def test_score_weights_names_the_weights_that_caption_the_test_split(tmp_path, d
     run(compose_train(tmp_path, data_dir, [*BEST_AT_STEP_10_OF_40, f"score_weights={weights}"]))
     expected = read_checkpoint(tmp_path / "checkpoints" / checkpoint)["state_dict"]
     assert expected and all(torch.equal(scored[k], v) for k, v in expected.items())
+
+
+def test_a_run_the_time_cap_stops_ends_with_its_learning_rate_at_zero(tmp_path, data_dir):
+    # 100,000 steps that 4 seconds cannot hold: the schedule follows the time and the final weights are annealed
+    run(compose_train(tmp_path, data_dir, ["experiment=smoke", "score=false", "trainer.max_epochs=null",
+                                           "trainer.max_steps=100000", "trainer.max_time=00:00:00:04", "model.warmup_steps=5"]))
+    checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    (lr,) = checkpoint["lr_schedulers"][0]["_last_lr"]
+    assert 5 < checkpoint["global_step"] < 50_000, checkpoint["global_step"]
+    assert lr < 0.1 * checkpoint["hyper_parameters"]["lr"], lr  # by steps alone it would stand above 0.5
