@@ -193,7 +193,8 @@ class CaptionModule(L.LightningModule):
         timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
         if timer is None or timer.time_remaining() is None or self.trainer.world_size > 1:
             return None
-        return lambda: timer.time_elapsed() / (timer.time_elapsed() + timer.time_remaining())
+        limit = timer.time_elapsed() + timer.time_remaining()  # trainer.max_time in seconds
+        return lambda: timer.time_elapsed() / limit
 
 
 def budget_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int,

@@ -46,6 +46,20 @@ def test_captions_vary_and_tokenizer_round_trips(tmp_path):
     assert len(tokenizer.encode(text)) < len(text.split()) * 2  # merges cover whole words
 
 
+def test_a_world_of_ones_own_does_not_write_the_embedded_scenes(tmp_path):
+    # data=synthetic with every split given through data.splits.*: the embedded root stays unwritten; the
+    # default's splits, under that root, write it
+    from conftest import compose_train
+
+    own = write_dataset(tmp_path / "own", seed=3, sizes={"train": 4, "val": 2, "test": 2})
+    splits = [f"data.splits.{s}.{k}={own}/{sub}" for s in ("train", "val", "test")
+              for k, sub in (("annotations", f"annotations/captions_{s}.json"), ("images", f"images/{s}"))]
+    instantiate(compose_train(tmp_path / "run", tmp_path / "data", ["experiment=smoke", *splits]).data).prepare_data()
+    assert not (tmp_path / "data" / "synthetic_smoke").exists()
+    instantiate(compose_train(tmp_path / "run", tmp_path / "data", ["experiment=smoke"]).data).prepare_data()
+    assert (tmp_path / "data" / "synthetic_smoke" / "annotations" / "captions_train.json").is_file()
+
+
 def test_noise_touches_training_batches_only(smoke_cfg):
     cfg = smoke_cfg("data.noise.variance=0.5", "data.noise.rate=1.0")
     datamodule = instantiate(cfg.data)

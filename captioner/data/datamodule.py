@@ -69,8 +69,15 @@ class CaptionDataModule(L.LightningDataModule):
         self.datasets: dict[str, CaptionDataset] = {}
 
     def prepare_data(self) -> None:
-        if self.hparams.synthetic:
+        if self.hparams.synthetic and self._reads_synthetic():
             write_dataset(**self.hparams.synthetic)
+
+    def _reads_synthetic(self) -> bool:
+        """Whether any split reads a file under the embedded dataset's root: a world of one's own given through
+        `data.splits.*` does not need the 8,000 embedded scenes written."""
+        root = Path(self.hparams.synthetic["root"]).resolve()
+        paths = [Path(v).resolve() for split in self.splits.values() for v in split.values() if isinstance(v, str)]
+        return any(path == root or root in path.parents for path in paths)
 
     def load_split(self, split: str, **distributed) -> tuple[list[ImageRecord], FeatureStore]:
         """The split's records and feature store, extracted first when needed. `distributed` (rank,
