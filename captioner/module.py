@@ -184,7 +184,7 @@ class CaptionModule(L.LightningModule):
         flags = ADAMW[self.hparams.get("adamw", "foreach")]  # older checkpoints have no `adamw`
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, **flags)
         total = self.trainer.estimated_stepping_batches
-        scheduler = budget_schedule(optimizer, min(self.hparams.warmup_steps, total // 2), total, self._time_used())
+        scheduler = BudgetSchedule(optimizer, min(self.hparams.warmup_steps, total // 2), total, self._time_used())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _time_used(self) -> Callable[[], float] | None:
@@ -197,21 +197,43 @@ class CaptionModule(L.LightningModule):
         return lambda: timer.time_elapsed() / limit
 
 
-def budget_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int,
-                    time_used: Callable[[], float] | None = None) -> LambdaLR:
+class BudgetSchedule(LambdaLR):
     """Linear warm-up over `warmup` steps, then a linear decay that reaches zero where training ends: at step
-    `total`, or when the time is up if `time_used` (the share of a time limit gone) says it comes first.
+    `total`, or when the time is up if `time_used` (the share of a time limit gone) says that comes first.
 
-    Time counts as steps at the budget's pace: with a share f of the time gone, the decay stands at least at
-    step f * total. A run that keeps pace with its steps follows transformers' linear schedule with warm-up
-    step for step; a run the time limit stops (`trainer.max_time` on a slower machine) still ends at zero
-    rather than part way down, so its final weights are annealed, as `score_weights: last` expects."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        at = max(step, total * time_used()) if time_used is not None else step
-        return max(0.0, (total - at) / max(1, total - warmup))
-    return LambdaLR(optimizer, factor)
+    After the warm-up, time counts as steps at the budget's pace: the decay stands at the further on of the
+    steps' progress and the time's, each measured from the end of the warm-up (what start-up and warm-up took
+    is not counted against the rest). A run whose steps keep ahead of its time follows transformers' linear
+    schedule with warm-up step for step; a run the time limit stops first (`trainer.max_time` on a slower or
+    busier machine) still ends at zero rather than part way down, so its final weights are annealed, as
+    `score_weights: last` expects. The time's share at the end of the warm-up is part of the scheduler's
+    state, so a resumed run keeps it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup: int, total: int,
+                 time_used: Callable[[], float] | None = None):
+        self.warmup, self.total, self.time_used = warmup, total, time_used
+        self.time_at_warmup: float | None = None
+
+        def factor(step: int) -> float:  # a plain function: LambdaLR keeps it out of the state dict
+            return self.factor(step)
+        super().__init__(optimizer, factor)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        by_steps = max(0.0, (self.total - step) / max(1, self.total - self.warmup))  # transformers' formula, to the bit
+        if self.time_used is None:
+            return by_steps
+        used = self.time_used()
+        if self.time_at_warmup is None:
+            self.time_at_warmup = used
+        by_time = max(0.0, 1 - (used - self.time_at_warmup) / max(1e-9, 1 - self.time_at_warmup))
+        return min(by_steps, by_time)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.pop("time_used")  # the clock belongs to this process, not to the checkpoint
+        return state
 
 
 PARTS = ("encoder.", "mapper.", "decoder.")

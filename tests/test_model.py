@@ -153,28 +153,46 @@ def factors(scheduler, steps: int) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("pace", [None, 0.5, 0.99])
-def test_a_run_that_keeps_pace_with_its_steps_follows_the_linear_schedule_step_for_step(pace):
-    # pace: the share of the time limit the whole run would take (None: no time limit)
+def sgd() -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+
+@pytest.mark.parametrize("start, pace", [(None, None), (0.0, 0.5), (0.08, 0.9)])
+def test_a_run_that_keeps_pace_with_its_steps_follows_the_linear_schedule_step_for_step(start, pace):
+    # the share of the time limit used: `start` before the first step, then `pace` over the 100 steps (None: no
+    # limit). (0.08, 0.9) ends at 98 %, its start-up ahead of the steps until well after the warm-up
     from transformers import get_linear_schedule_with_warmup
 
-    from captioner.module import budget_schedule
+    from captioner.module import BudgetSchedule
 
-    def optimizer():
-        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-
-    reference = get_linear_schedule_with_warmup(optimizer(), 10, 100)
-    ours = budget_schedule(optimizer(), 10, 100, None if pace is None else lambda: pace * ours.last_epoch / 100)
+    reference = get_linear_schedule_with_warmup(sgd(), 10, 100)
+    ours = BudgetSchedule(sgd(), 10, 100, None if pace is None else lambda: start + pace * ours.last_epoch / 100)
     assert factors(ours, 100) == factors(reference, 100)
 
 
 def test_a_run_the_time_limit_stops_early_still_ends_its_decay_at_zero():
-    # the time runs out at step 60 of 100: the decay follows the time and reaches zero there, never rising
-    from captioner.module import budget_schedule
+    # the time runs out at step 60 of 100: after the warm-up the decay follows the time, from the time's share
+    # at the warm-up's end (1/6), and reaches zero at step 60, never rising
+    from captioner.module import BudgetSchedule
 
-    scheduler = budget_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 10, 100,
-                                lambda: min(1.0, scheduler.last_epoch / 60))
+    scheduler = BudgetSchedule(sgd(), 10, 100, lambda: min(1.0, scheduler.last_epoch / 60))
     lr = factors(scheduler, 61)
     assert lr[:10] == [step / 10 for step in range(10)]  # warm-up by steps
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
-    assert lr[30] == pytest.approx((100 - 50) / 90) and lr[60] == 0.0  # step 30 stands at step 50 of the steps' decay
+    assert lr[30] == pytest.approx(1 - (0.5 - 1 / 6) / (5 / 6)) and lr[60] == 0.0  # by steps: 70/90
+
+
+def test_a_resumed_schedule_keeps_the_time_share_its_warm_up_ended_at(tmp_path):
+    from captioner.module import BudgetSchedule
+
+    clock = {"used": 0.0}
+    first = BudgetSchedule(sgd(), 10, 100, lambda: clock["used"])
+    for step in range(20):
+        clock["used"] = 0.2 + step / 50  # a slow run: the time leads
+        first.optimizer.step()
+        first.step()
+    torch.save(first.state_dict(), tmp_path / "scheduler.pt")  # as a checkpoint holds it: read back weights_only
+    resumed = BudgetSchedule(sgd(), 10, 100, lambda: clock["used"])
+    resumed.load_state_dict(torch.load(tmp_path / "scheduler.pt", weights_only=True))
+    assert resumed.time_at_warmup == first.time_at_warmup == pytest.approx(0.2 + 9 / 50)
+    assert factors(resumed, 5) == factors(first, 5)
