@@ -77,7 +77,7 @@ class CaptionDataModule(L.LightningDataModule):
         `data.splits.*` does not need the 8,000 embedded scenes written."""
         root = Path(self.hparams.synthetic["root"]).resolve()
         paths = [Path(v).resolve() for split in self.splits.values() for v in split.values() if isinstance(v, str)]
-        return any(path == root or root in path.parents for path in paths)
+        return any(path.is_relative_to(root) for path in paths)
 
     def load_split(self, split: str, **distributed) -> tuple[list[ImageRecord], FeatureStore]:
         """The split's records and feature store, extracted first when needed. `distributed` (rank,
